@@ -122,7 +122,14 @@ class CoRe(Optimizer):
     ``score_history > 0``): 12 bytes per fp32 parameter at the defaults.
     """
 
-    tensorwise = True
+    tensorwise = True  # the plasticity ranks the weights of each tensor (a top-k per tensor)
+
+    @property
+    def elementwise(self) -> bool:  # type: ignore[override]
+        """Without a score history (the default) the rule has no reduction at all: the engine
+        may then cut tensors into cache-sized pieces (on the CPU, whole large tensors with
+        this rule's temporaries overflow the last-level cache)."""
+        return all(group["score_history"] == 0 for group in self.param_groups)
 
     hyperparams = {
         "lr": Hyper(1e-3, Interval(0.0, low_open=True, tensor=True), "authors' package"),
@@ -190,8 +197,7 @@ class CoRe(Optimizer):
         exp_avg, step_size = state["exp_avg"], state["step_size"]
         if beta2 >= 0:
             state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        new_avg = grad.clone()
-        new_avg.lerp_(exp_avg, beta1)  # g_t = (1 - beta1) G_t + beta1 g_{t-1}
+        new_avg = grad.lerp(exp_avg, beta1)  # g_t = (1 - beta1) G_t + beta1 g_{t-1}
 
         # plasticity: per tensor (a top-k per tensor), only once the score history is full
         plasticity = None
@@ -216,8 +222,8 @@ class CoRe(Optimizer):
         if plasticity is not None:
             direction.mul_(plasticity)
         increase = direction.clamp_min(0.0)  # 1 where the sign is kept, else 0
-        decrease = direction.neg_().clamp_min_(0.0)  # 1 where it flipped, else 0
-        factor = increase.mul_(eta_plus - 1.0).add_(decrease, alpha=eta_minus - 1.0).add_(1.0)
+        decrease = direction.clamp_max_(0.0)  # -1 where it flipped, else 0
+        factor = increase.mul_(eta_plus - 1.0).add_(decrease, alpha=1.0 - eta_minus).add_(1.0)
         step_size.mul_(factor).clamp_min_(step_size_min).clamp_max_(step_size_max)
 
         if beta2 >= 0:

@@ -58,6 +58,15 @@ def _unstacked(vector: Tensor, like: TensorLike) -> TensorLike:
     return TensorList(vector.unbind()) if isinstance(like, TensorList) else vector
 
 
+def _divide_into(numerator: TensorLike, denominator: TensorLike) -> TensorLike:
+    """``numerator / denominator`` written over ``denominator`` (a temporary): the same
+    numbers as the out-of-place quotient, without allocating another parameter-sized
+    buffer."""
+    for n, d in zip(_tensors(numerator), _tensors(denominator)):
+        torch.div(n, d, out=d)
+    return denominator
+
+
 def _dims(param: TensorLike) -> list[int]:
     return [t.dim() for t in param] if isinstance(param, TensorList) else [param.dim()]
 
@@ -168,8 +177,8 @@ class LAMB(Optimizer):
             bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
         else:
             bias_correction1, bias_correction2 = 1.0, 1.0
-        denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(hp["eps"])
-        update = exp_avg / denom
+        denom = exp_avg_sq.sqrt().div_(math.sqrt(bias_correction2)).add_(hp["eps"])
+        update = _divide_into(exp_avg, denom)
         if bias_correction1 != 1.0:
             update.div_(bias_correction1)
         if hp["weight_decay"] != 0:
@@ -281,6 +290,14 @@ def _tensors(x: TensorLike) -> Sequence[Tensor]:
     return x.tensors if isinstance(x, TensorList) else [x]
 
 
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Dot products of the rows of two matrices, as a batched matrix product: no
+    parameter-sized temporary (``(a * b).sum(1)`` and ``vecdot`` allocate one; a second
+    one per tensor makes the step of large tensors page-fault on fresh memory), though
+    slower to compute than ``vecdot`` when memory is reused."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
 def _radial_coefficient(
     param: Tensor, grad: Tensor, direction: Tensor, delta: float, eps: float
 ) -> tuple[Tensor, Tensor]:
@@ -297,12 +314,16 @@ def _radial_coefficient(
     norms and dot products are those of its rows, combined); no data-dependent branch (no
     host synchronisation): ``c`` is selected with ``torch.where`` (0 when not projected).
     """
-    rows = param.shape[0]
+    rows, stat = param.shape[0], torch.promote_types(param.dtype, torch.float32)
     param_rows, grad_rows = param.reshape(rows, -1), grad.reshape(rows, -1)
-    param_norm = torch.linalg.vector_norm(param_rows, dim=1)
-    grad_norm = torch.linalg.vector_norm(grad_rows, dim=1)
-    grad_dot = torch.linalg.vecdot(grad_rows, param_rows, dim=1)
-    direction_dot = torch.linalg.vecdot(param_rows, direction.reshape(rows, -1), dim=1)
+    param_norm = torch.linalg.vector_norm(param_rows, dim=1, dtype=stat)
+    grad_norm = torch.linalg.vector_norm(grad_rows, dim=1, dtype=stat)
+    if direction is grad:  # one dot product: vecdot, faster, with one temporary
+        grad_dot = direction_dot = torch.linalg.vecdot(grad_rows, param_rows, dim=1).to(stat)
+    else:
+        grad_dot = _row_dot(grad_rows, param_rows).to(stat)
+        direction_dot = _row_dot(param_rows, direction.reshape(rows, -1))
+        direction_dot = direction_dot.to(stat)
     # channel-wise view: one row per output channel
     cosine = grad_dot / (grad_norm.clamp_min(eps) * param_norm.clamp_min(eps))
     channel = cosine.abs_().amax() < delta / math.sqrt(param_rows.shape[1])
@@ -344,7 +365,8 @@ def _project_and_decay_(
         if p.numel() == 0:
             continue
         coefficient, projected = _radial_coefficient(p, g, d, hp["delta"], hp["eps"])
-        decayed = torch.tensor(1 - weight_decay * hp["wd_ratio"], dtype=p.dtype)
+        # the factors in float32 at least: a bfloat16 factor near 1 would round the step away
+        decayed = torch.tensor(1 - weight_decay * hp["wd_ratio"], dtype=coefficient.dtype)
         factor = torch.where(projected, decayed, 1 - weight_decay)
         if project_direction:
             d.addcmul_(p, coefficient, value=-1)
@@ -425,7 +447,7 @@ class AdamP(Optimizer):
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2**step)).add_(hp["eps"])
         numerator = exp_avg.lerp(grad, 1 - beta1) if hp["nesterov"] else exp_avg
-        direction = numerator / denom
+        direction = _divide_into(numerator, denom)
         step_size = hp["lr"] / (1 - beta1**step)
         _project_and_decay_(param, grad, direction, hp, 1.0, step_size, project_direction=False)
 

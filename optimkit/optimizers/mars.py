@@ -254,8 +254,11 @@ class MARS(Optimizer):
             exp_avg_sq = maximum_(state["max_exp_avg_sq"], exp_avg_sq)
         bias_correction1 = 1 - beta1**step
         bias_correction2_sqrt = math.sqrt(1 - beta2**step)
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(hp["eps"]).mul_(bias_correction1)
-        return exp_avg / denom
+        denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(hp["eps"]).mul_(bias_correction1)
+        # exp_avg / denom, written over denom: no second parameter-sized temporary
+        for m, d in zip(*(x if isinstance(x, TensorList) else [x] for x in (exp_avg, denom))):
+            torch.div(m, d, out=d)
+        return denom
 
     def _mars(
         self,

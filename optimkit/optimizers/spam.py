@@ -38,8 +38,8 @@ from optimkit.registry import register
 from optimkit.transforms.clipping import (
     SPAM_PAPER,
     STABLE_SPAM_PAPER,
-    ada_clip,
-    ada_gn,
+    ada_clip_many,
+    ada_gn_many,
     spike_clip,
     stat_dtype,
 )
@@ -390,12 +390,10 @@ class StableSPAM(Optimizer):
             eta_min = hp["eta_min"]
             scale = eta_min + (1 - eta_min) * (1 + math.cos(math.pi * step / (total + 1))) / 2
         gamma1 = hp["gamma1"] * scale
-        new = []
-        for g, m_max, m_norm, v_norm in zip(
-            *(_tensors(x) for x in (grad, state["m_max"], state["m_norm"], state["v_norm"]))
-        ):
-            g = ada_clip(g, m_max, clock, hp["theta"])
-            new.append(ada_gn(g, m_norm, v_norm, clock, gamma1, hp["gamma2"], hp["eps"]))
+        m_max, m_norm, v_norm = (_tensors(state[k]) for k in self._SCALARS)
+        clipped = ada_clip_many(_tensors(grad), m_max, clock, hp["theta"])
+        gamma2, eps = hp["gamma2"], hp["eps"]
+        new = ada_gn_many(clipped, m_norm, v_norm, clock, gamma1, gamma2, eps, inplace=True)
         grad = _like(grad, new)
         beta1, beta2 = hp["betas"]
         adam_hp = {**hp, "betas": (beta1 * scale, beta2)}

@@ -281,11 +281,30 @@ def ada_clip(grad: Tensor, m_max: Tensor, step: int, theta: float) -> Tensor:
     .. math:: m_t = \theta m_{t-1} + (1-\theta)\max_i|g_i|,\quad \hat m_t = m_t/(1-\theta^t),
               \quad \tilde g_i = g_i\,\hat m_t / \max_j|g_j| \ \text{where}\ |g_i| > \hat m_t
     """
-    magnitude = grad.abs()
-    gmax = magnitude.max().to(m_max.dtype)
-    m_max.mul_(theta).add_(gmax * (1 - theta))
-    m_hat = m_max / (1 - theta**step)
-    return torch.where(magnitude > m_hat, grad / gmax * m_hat, grad).to(grad.dtype)
+    return ada_clip_many([grad], [m_max], step, theta)[0]
+
+
+def ada_clip_many(
+    grads: Sequence[Tensor], m_max: Sequence[Tensor], step: int, theta: float
+) -> list[Tensor]:
+    """:func:`ada_clip` of each tensor (new tensors; ``m_max``: their 0-d statistics, one
+    dtype), with multi-tensor kernels: the per-tensor scalars are combined as one vector."""
+    magnitude = torch._foreach_abs(grads)
+    gmax = torch.stack(torch._foreach_max(magnitude)).to(m_max[0].dtype)
+    new_max = torch.stack(list(m_max)).mul_(theta).add_(gmax * (1 - theta))
+    torch._foreach_copy_(list(m_max), new_max.unbind())
+    m_hat = (new_max / (1 - theta**step)).unbind()
+    clipped = torch._foreach_div(grads, gmax.unbind())
+    torch._foreach_mul_(clipped, m_hat)
+    for g, mag, c, threshold in zip(grads, magnitude, clipped, m_hat):
+        torch.where(mag > threshold, c, g, out=c)
+    return _cast(clipped, grads)
+
+
+def _cast(tensors: list[Tensor], like: Sequence[Tensor]) -> list[Tensor]:
+    """Back to the gradients' dtypes (a 0-d low-precision gradient divided by a 0-d float32
+    statistic is promoted)."""
+    return [t.to(g.dtype) for t, g in zip(tensors, like)]
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -310,13 +329,41 @@ def ada_gn(
               \tilde g = \frac{g}{\lVert g\rVert}\,
               \frac{a_t/(1-\gamma_1^t)}{\sqrt{b_t/(1-\gamma_2^t)} + \epsilon}
     """
-    norm = torch.linalg.vector_norm(grad, dtype=m_norm.dtype)
-    m_norm.mul_(gamma1).add_(norm * (1 - gamma1))
-    v_norm.mul_(gamma2).add_(norm * norm * (1 - gamma2))
-    m_hat = m_norm / (1 - gamma1**step)
-    v_hat = v_norm / (1 - gamma2**step)
+    return ada_gn_many([grad], [m_norm], [v_norm], step, gamma1, gamma2, eps)[0]
+
+
+def ada_gn_many(
+    grads: Sequence[Tensor],
+    m_norm: Sequence[Tensor],
+    v_norm: Sequence[Tensor],
+    step: int,
+    gamma1: float,
+    gamma2: float,
+    eps: float,
+    inplace: bool = False,
+) -> list[Tensor]:
+    """:func:`ada_gn` of each tensor, with multi-tensor kernels: the per-tensor scalars are
+    combined as one vector. A tensor of norm 0 (all zeros) is left as it is. New tensors, or
+    with ``inplace`` ``grads`` themselves rescaled, where that rounds alike (not for 0-d
+    low-precision tensors, whose quotient by a float32 statistic is promoted)."""
+    m_norm, v_norm = list(m_norm), list(v_norm)
+    norm = torch.stack(torch._foreach_norm(grads, 2, dtype=m_norm[0].dtype))
+    new_m = torch.stack(m_norm).mul_(gamma1).add_(norm * (1 - gamma1))
+    new_v = torch.stack(v_norm).mul_(gamma2).add_(norm * norm * (1 - gamma2))
+    torch._foreach_copy_(m_norm + v_norm, new_m.unbind() + new_v.unbind())
+    m_hat = new_m / (1 - gamma1**step)
+    v_hat = new_v / (1 - gamma2**step)
     scale = m_hat / (torch.sqrt(v_hat) + eps)
-    return torch.where(norm > 0, grad / norm * scale, grad).to(grad.dtype)
+    positive = norm > 0  # else g / 1 * 1 = g
+    one = torch.ones_like(norm)
+    divisor, scale = torch.where(positive, norm, one), torch.where(positive, scale, one)
+    if inplace and all(g.dim() > 0 or g.dtype == norm.dtype for g in grads):
+        out = list(grads)
+        torch._foreach_div_(out, divisor.unbind())
+    else:
+        out = torch._foreach_div(grads, divisor.unbind())
+    torch._foreach_mul_(out, scale.unbind())
+    return _cast(out, grads)
 
 
 SPAM_PAPER = Paper(
