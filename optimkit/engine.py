@@ -25,6 +25,7 @@ import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import is_
 from typing import Any, ClassVar, Union
 
 import torch
@@ -425,6 +426,20 @@ def _real_view(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+def _buckets(params: list[Tensor], steps: list[float]) -> dict[tuple, list[int]]:
+    """Indices of ``params`` grouped by (device, dtype, step): the tensors one call of a rule
+    may take together."""
+    first = params[0]
+    if steps.count(steps[0]) == len(steps):  # the usual case: one step value
+        device, dtype = first.device, first.dtype
+        if all(p.device == device and p.dtype == dtype for p in params):
+            return {(device, dtype, steps[0]): list(range(len(params)))}
+    buckets: dict[tuple, list[int]] = {}
+    for i, (p, s) in enumerate(zip(params, steps)):
+        buckets.setdefault((p.device, p.dtype, s), []).append(i)
+    return buckets
+
+
 def _unscale(grad: TensorLike, grad_scale: Tensor | None) -> TensorLike:
     """``grad / grad_scale`` (torch.amp.GradScaler's scale) as new tensors; ``p.grad`` is kept."""
     if grad_scale is None:
@@ -672,22 +687,25 @@ class Optimizer(torch.optim.Optimizer):
 
     def _collect(self, group: dict[str, Any], hp: Mapping[str, Any]):
         buffers = self.state_buffers(hp)
+        needed = {"step", *buffers}
         params, grads, states = [], [], []
+        state_of, refuse_sparse = self.state, not self.supports_sparse
         for p in group["params"]:
             grad = p.grad
             if grad is None:
                 continue
-            if grad.is_sparse and not self.supports_sparse:
+            if refuse_sparse and grad.is_sparse:
                 raise RuntimeError(
                     f"{type(self).__name__} does not support sparse gradients; "
                     "use torch.optim.SparseAdam or a dense gradient"
                 )
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            for name in buffers:
-                if name not in state:
-                    state[name] = self.init_buffer(name, p, hp)
+            state = state_of[p]
+            if not needed <= state.keys():
+                if "step" not in state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                for name in buffers:
+                    if name not in state:
+                        state[name] = self.init_buffer(name, p, hp)
             params.append(p)
             grads.append(grad)
             states.append(state)
@@ -698,9 +716,7 @@ class Optimizer(torch.optim.Optimizer):
         buffers, params, grads, states = self._collect(group, hp)
         if not params:
             return
-        steps = [state["step"] for state in states]
-        torch._foreach_add_(steps, 1.0)
-        step_values = torch.stack(steps).tolist() if len(steps) > 1 else [steps[0].item()]
+        step_values = self._advance_steps(group, states)
         impl = self.impl or "foreach"
         grad_scale = getattr(self, "grad_scale", None)  # set by torch.amp.GradScaler
         if impl == "reference":
@@ -710,16 +726,15 @@ class Optimizer(torch.optim.Optimizer):
                 views = {name: _real_view(state[name]) for name in buffers}
                 self.update(p, g, views, int(s), hp)
             return
-        buckets: dict[tuple, list[int]] = {}
-        for i, (p, s) in enumerate(zip(params, step_values)):
-            buckets.setdefault((p.device, p.dtype, s), []).append(i)
-        for (device, _, s), index in buckets.items():
+        for (device, dtype, s), index in _buckets(params, step_values).items():
             path = self.impl or _auto_impl(type(self), device)
-            tensors = [
-                [_real_view(params[i]) for i in index],
-                [_real_view(grads[i]) for i in index],
-            ]
-            tensors += [[_real_view(states[i][name]) for i in index] for name in buffers]
+            if dtype.is_complex:  # as real views (gradients and state share the dtype)
+                tensors = [[_real_view(params[i]) for i in index]]
+                tensors.append([_real_view(grads[i]) for i in index])
+                tensors += [[_real_view(states[i][name]) for i in index] for name in buffers]
+            else:
+                tensors = [[params[i] for i in index], [grads[i] for i in index]]
+                tensors += [[states[i][name] for i in index] for name in buffers]
             if path == "foreach" and device.type == "cpu" and (self.elementwise or self.tensorwise):
                 pieces = cache_sized_chunks(tensors, CPU_CHUNK_NUMEL, cut=self.elementwise)
             else:
@@ -730,6 +745,30 @@ class Optimizer(torch.optim.Optimizer):
                     g = self._prepare_grad(p, _unscale(g, grad_scale), hp)
                 views = {name: TensorList(piece[2 + k]) for k, name in enumerate(buffers)}
                 self.dispatch(path, p, g, views, int(s), hp)
+
+    def _advance_steps(self, group: Mapping[str, Any], states: list[dict[str, Any]]) -> list[float]:
+        """Add 1 to the step counter of each parameter in ``states`` and return the new values.
+
+        Each counter stays a 0-d float32 CPU tensor in its parameter's state (torch's
+        convention, so checkpoints are interchangeable), but the counters of a group's
+        parameters are made views into one vector the first time they step together: then one
+        ``add_`` advances them all and one ``tolist`` reads them (with thousands of small
+        tensors a per-tensor increment would dominate the step). A counter replaced from
+        outside (a loaded checkpoint, a reset) or a change in which parameters have gradients
+        is noticed by identity and the vector is rebuilt from the current values."""
+        steps = [state["step"] for state in states]
+        cache = self.__dict__.setdefault("_packed_steps", {})
+        packed = cache.get(id(group))
+        if packed is None or len(packed[1]) != len(steps) or not all(map(is_, packed[1], steps)):
+            if len(cache) > len(self.param_groups):
+                cache.clear()
+            vector = torch.stack([s.detach().to("cpu", torch.float32).reshape(()) for s in steps])
+            views = vector.unbind()
+            for state, counter in zip(states, views):
+                state["step"] = counter
+            packed = cache[id(group)] = (vector, views)
+        packed[0].add_(1.0)
+        return packed[0].tolist()
 
     def dispatch(
         self,

@@ -243,6 +243,38 @@ def test_foreach_buckets_by_step_count():
     torch.testing.assert_close(b, b_ref, rtol=0, atol=0)
 
 
+def test_step_counters_share_one_vector_and_follow_outside_changes():
+    """A group's step counters become views of one vector (one add per step); a counter
+    replaced from outside, a loaded checkpoint or a change of which parameters have gradients
+    is respected, and a loaded state_dict's tensors are never advanced by later steps."""
+    params = [torch.ones(2, requires_grad=True) for _ in range(5)]
+    opt = optimkit.AdamW(params, lr=0.1)
+    for p in params:
+        p.grad = torch.ones(2)
+    opt.step()
+    opt.step()
+    counters = [opt.state[p]["step"] for p in params]
+    assert [c.item() for c in counters] == [2.0] * 5
+    assert len({c.untyped_storage().data_ptr() for c in counters}) == 1
+    assert all(c.dim() == 0 and c.dtype == torch.float32 for c in counters)
+
+    opt.state[params[0]]["step"] = torch.tensor(10.0)  # replaced from outside
+    params[1].grad = None  # skips the next step
+    opt.step()
+    assert [opt.state[p]["step"].item() for p in params] == [11.0, 2.0, 3.0, 3.0, 3.0]
+
+    saved = opt.state_dict()
+    other = optimkit.AdamW([torch.ones(2, requires_grad=True) for _ in range(5)], lr=0.1)
+    other.load_state_dict(saved)
+    loaded = [other.state[p]["step"] for p in other.param_groups[0]["params"]]
+    for p in other.param_groups[0]["params"]:
+        p.grad = torch.ones(2)
+    other.step()
+    assert [c.item() for c in loaded] == [11.0, 2.0, 3.0, 3.0, 3.0]  # untouched
+    steps = [other.state[p]["step"].item() for p in other.param_groups[0]["params"]]
+    assert steps == [12.0, 3.0, 4.0, 4.0, 4.0]
+
+
 def test_p_grad_is_never_modified():
     p = torch.ones(4, requires_grad=True)
     opt = optimkit.Adam([p], lr=0.1, weight_decay=0.5, maximize=True)
