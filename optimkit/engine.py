@@ -385,6 +385,8 @@ CPU_CHUNK_NUMEL = 1 << 18
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)  # not tensor subclasses such as DTensor shards
+#: dtypes ``state_precision`` may name.
+_STATE_PRECISIONS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def cache_sized_chunks(
@@ -467,6 +469,11 @@ class Optimizer(torch.optim.Optimizer):
         lr: the learning rate (may also be given as a keyword; a one-element tensor is allowed).
         impl: ``"reference"``, ``"foreach"`` or ``"fused"``; ``None`` picks the fastest path
             available for each group of tensors (``"foreach"`` on CPU).
+        state_precision: the dtype of the parameter-shaped state of floating-point parameters
+            (e.g. ``torch.float32`` for bf16 parameters, or ``torch.bfloat16`` to halve the
+            state of fp32 parameters); ``None`` (default) follows each parameter's dtype, as
+            torch does. Updates are then computed in the wider of the two dtypes and rounded
+            once into the parameter (and the state); checkpoints keep this dtype.
         **hyperparams: the optimizer's hyperparameters (see ``hyperparams`` of each class).
             Unknown names raise :class:`TypeError`; values outside their range raise
             :class:`ValueError` naming the parameter and the allowed values.
@@ -498,7 +505,12 @@ class Optimizer(torch.optim.Optimizer):
         ``grad_scale`` and ``found_inf`` (as to torch's fused optimizers) instead of unscaling
         the gradients itself; a subclass replacing ``step`` or ``_step_group`` keeps the usual
         GradScaler path."""
-        cls, unwrap = type(self), inspect.unwrap  # torch.optim wraps step() with its hooks
+        return self._uses_engine_step()
+
+    @classmethod
+    def _uses_engine_step(cls) -> bool:
+        """Whether this class steps through the engine's ``step`` and ``_step_group``."""
+        unwrap = inspect.unwrap  # torch.optim wraps step() with its hooks
         return unwrap(cls.step) is unwrap(Optimizer.step) and (
             cls._step_group is Optimizer._step_group
         )
@@ -509,9 +521,21 @@ class Optimizer(torch.optim.Optimizer):
         lr: float | Tensor | None = None,
         *,
         impl: str | None = None,
+        state_precision: torch.dtype | None = None,
         **hyperparams: Any,
     ) -> None:
         name = type(self).__name__
+        if state_precision is not None:
+            if state_precision not in _STATE_PRECISIONS:
+                raise ValueError(
+                    f"{name}: invalid state_precision = {state_precision!r}; allowed: None (the "
+                    "parameter's dtype) or one of " + ", ".join(map(str, _STATE_PRECISIONS))
+                )
+            if not self._uses_engine_step():
+                raise TypeError(
+                    f"{name}: state_precision is not supported (this optimizer runs its own "
+                    "step and keeps its statistics in its own precision; see its docstring)"
+                )
         if lr is not None:
             hyperparams["lr"] = lr
         unknown = sorted(set(hyperparams) - set(self.hyperparams))
@@ -528,6 +552,7 @@ class Optimizer(torch.optim.Optimizer):
         defaults = self.with_defaults(hyperparams)
         self._validate(defaults)
         self.impl = impl
+        self.state_precision = state_precision
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------------------------
@@ -645,8 +670,23 @@ class Optimizer(torch.optim.Optimizer):
         """The dtype that the state tensor ``key`` of ``param`` keeps, or None to follow torch's
         rule (every tensor cast to a floating parameter's dtype). An optimizer that keeps
         statistics in fp32 for bf16 parameters, or a boolean mask, returns that dtype here, and
-        checkpoints keep it."""
+        checkpoints keep it. By default: the ``state_precision`` given to the constructor, for
+        floating-point parameters."""
+        precision = getattr(self, "state_precision", None)
+        if precision is not None and param.is_floating_point():
+            return precision
         return None
+
+    def _new_buffer(self, name: str, param: Tensor, hp: Mapping[str, Any]) -> Tensor:
+        """``init_buffer``, in the dtype :meth:`state_dtype` names when ``state_precision`` is
+        set."""
+        buffer = self.init_buffer(name, param, hp)
+        if self.state_precision is None or not buffer.is_floating_point():
+            return buffer
+        dtype = self.state_dtype(name, param)
+        if dtype is not None and dtype.is_floating_point and dtype != buffer.dtype:
+            buffer = buffer.to(dtype)
+        return buffer
 
     def _validate_groups(self) -> None:
         for group in self.param_groups:
@@ -705,7 +745,7 @@ class Optimizer(torch.optim.Optimizer):
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 for name in buffers:
                     if name not in state:
-                        state[name] = self.init_buffer(name, p, hp)
+                        state[name] = self._new_buffer(name, p, hp)
             params.append(p)
             grads.append(grad)
             states.append(state)
@@ -722,8 +762,13 @@ class Optimizer(torch.optim.Optimizer):
         if impl == "reference":
             for p, g, state, s in zip(params, grads, states, step_values):
                 p, g = _real_view(p), _real_view(g)
-                g = self._prepare_grad(p, _unscale(g, grad_scale), hp)
                 views = {name: _real_view(state[name]) for name in buffers}
+                compute = self._compute_dtype(p.dtype)
+                if compute is not None:
+                    columns = [[p], [g], *([views[name]] for name in buffers)]
+                    self._step_widened(columns, buffers, compute, int(s), hp, grad_scale, impl)
+                    continue
+                g = self._prepare_grad(p, _unscale(g, grad_scale), hp)
                 self.update(p, g, views, int(s), hp)
             return
         for (device, dtype, s), index in _buckets(params, step_values).items():
@@ -739,12 +784,52 @@ class Optimizer(torch.optim.Optimizer):
                 pieces = cache_sized_chunks(tensors, CPU_CHUNK_NUMEL, cut=self.elementwise)
             else:
                 pieces = [tensors]
+            compute = self._compute_dtype(dtype) if path != "fused" else None
             for piece in pieces:
+                if compute is not None:  # the kernels mix dtypes themselves
+                    self._step_widened(piece, buffers, compute, int(s), hp, grad_scale, path)
+                    continue
                 p, g = TensorList(piece[0]), TensorList(piece[1])
                 if path != "fused":  # the fused kernels unscale, maximize and decay themselves
                     g = self._prepare_grad(p, _unscale(g, grad_scale), hp)
                 views = {name: TensorList(piece[2 + k]) for k, name in enumerate(buffers)}
                 self.dispatch(path, p, g, views, int(s), hp)
+
+    def _compute_dtype(self, dtype: torch.dtype) -> torch.dtype | None:
+        """The dtype a bucket of ``dtype`` parameters is updated in when ``state_precision``
+        differs from it (the wider of the two), else None."""
+        precision = self.state_precision
+        if precision is None or precision == dtype or not dtype.is_floating_point:
+            return None
+        return torch.promote_types(dtype, precision)
+
+    def _step_widened(
+        self,
+        piece: list[list[Tensor]],
+        buffers: tuple[str, ...],
+        compute: torch.dtype,
+        step: int,
+        hp: Mapping[str, Any],
+        grad_scale: Tensor | None,
+        path: str,
+    ) -> None:
+        """Run the rule on copies in ``compute`` dtype of the tensors that are narrower, then
+        round the results back once (parameters and state)."""
+        wide = [[t if t.dtype == compute else t.to(compute) for t in column] for column in piece]
+        wrap = (lambda ts: ts[0]) if path == "reference" else TensorList  # one tensor, or a list
+        p, g = wrap(wide[0]), wrap(wide[1])
+        g = self._prepare_grad(p, _unscale(g, grad_scale), hp)
+        views = {name: wrap(wide[2 + k]) for k, name in enumerate(buffers)}
+        if path == "reference":
+            self.update(p, g, views, step, hp)
+        else:
+            self.dispatch(path, p, g, views, step, hp)
+        for k, (column, copies) in enumerate(zip(piece, wide)):
+            if k == 1:
+                continue  # the gradient is never written back
+            for t, c in zip(column, copies):
+                if c is not t:
+                    t.copy_(c)
 
     def _advance_steps(self, group: Mapping[str, Any], states: list[dict[str, Any]]) -> list[float]:
         """Add 1 to the step counter of each parameter in ``states`` and return the new values.

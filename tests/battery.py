@@ -11,6 +11,7 @@ import io
 import math
 from collections.abc import Callable
 
+import pytest
 import torch
 
 import optimkit
@@ -430,6 +431,73 @@ def check_state_dict_is_copy_safe(record, impl):
         fresh = build(record, [p.detach().clone().requires_grad_() for p in params], impl)
         fresh.load_state_dict(sd)
         assert len(fresh.state) == len(opt.state)
+
+
+def _assert_state_dtypes(opt, precision):
+    """Each floating state buffer has the dtype ``state_dtype`` names: ``precision`` unless
+    the optimizer keeps that entry in a precision of its own (e.g. fp32 norms)."""
+    while not hasattr(opt, "state_buffers"):  # a wrapper: its inner optimizer's state
+        opt = opt.optimizer
+    buffers = set(opt.state_buffers(opt.group_hyperparams(opt.param_groups[0])))
+    checked = 0
+    for p in opt.param_groups[0]["params"]:
+        for key, value in opt.state[p].items():
+            if key in buffers and value.is_floating_point():
+                assert value.dtype == opt.state_dtype(key, p), (key, value.dtype)
+                checked += value.dtype == precision
+    assert checked or not buffers  # at least one buffer follows state_precision
+
+
+def check_state_precision(record, impl):
+    """``state_precision``: fp32 state for bf16 parameters computes the step in fp32 and rounds
+    once (one step == the fp32 step of the same numbers, rounded), and checkpoints keep the
+    fp32 state; bf16 state for fp32 parameters stays bf16 and loads back exactly. Optimizers
+    with their own step refuse the option with a TypeError."""
+    if not record.cls._uses_engine_step():
+        with pytest.raises(TypeError, match="state_precision"):
+            build(record, make_params(torch.float32), impl, state_precision=torch.float32)
+        return
+    params = make_params(torch.bfloat16)
+    drive(build(record, params, impl), params, 1)  # bf16 gradients of the battery's loss
+    grads = [p.grad.detach().clone() for p in params]
+
+    def one_step(opt, ps, gs):
+        def closure():
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            return torch.zeros(())
+
+        closure()
+        opt.step(closure if record.cls.needs_closure else None)
+
+    narrow = [p.detach().clone().requires_grad_() for p in params]
+    opt = build(record, narrow, impl, state_precision=torch.float32)
+    one_step(opt, narrow, grads)
+    wide = [p.detach().float().requires_grad_() for p in params]
+    one_step(build(record, wide, impl), wide, [g.float() for g in grads])
+    assert_same(narrow, [w.detach().to(torch.bfloat16) for w in wide], what="one step")
+    _assert_state_dtypes(opt, torch.float32)
+    one_step(opt, narrow, grads)
+    twin = [p.detach().clone().requires_grad_() for p in narrow]
+    loaded = build(record, twin, impl, state_precision=torch.float32)
+    loaded.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for (key, x), (_, y) in zip(state_tensors(opt), state_tensors(loaded)):
+        assert x.dtype == y.dtype and torch.equal(x, y), key
+
+    params = make_params(torch.float32)
+    opt = build(record, params, impl, state_precision=torch.bfloat16)
+    losses = drive(opt, params, 3)
+    assert all(math.isfinite(v) for v in losses)
+    _assert_state_dtypes(opt, torch.bfloat16)
+    loaded = build(
+        record,
+        [p.detach().clone().requires_grad_() for p in params],
+        impl,
+        state_precision=torch.bfloat16,
+    )
+    loaded.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for (key, x), (_, y) in zip(state_tensors(opt), state_tensors(loaded)):
+        assert x.dtype == y.dtype and torch.equal(x, y), key
 
 
 CHECKS = {

@@ -31,6 +31,8 @@ def _wrapped(name, wrap, skip=None):
             "__new__": lambda _cls, params, impl=None, **hp: build(params, impl, **hp),
             "hyperparams": AdamW.hyperparams,
             "supports_sparse": False,
+            "needs_closure": False,
+            "_uses_engine_step": classmethod(lambda _cls: True),
         },
     )
     return OptimInfo(

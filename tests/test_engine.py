@@ -352,3 +352,16 @@ def test_tensorwise_rules_see_whole_tensors(monkeypatch):
         results.append([p.detach().clone() for p in params])
     for x, y in zip(*results):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_state_precision_is_validated():
+    p = [torch.ones(2, requires_grad=True)]
+    with pytest.raises(ValueError, match="state_precision"):
+        optimkit.AdamW(p, state_precision=torch.int8)
+    with pytest.raises(TypeError, match="state_precision"):
+        optimkit.SOAP(p, state_precision=torch.float32)
+    opt = optimkit.AdamW(p, state_precision=torch.bfloat16)
+    p[0].grad = torch.ones(2)
+    opt.step()
+    assert opt.state[p[0]]["exp_avg"].dtype == torch.bfloat16
+    assert p[0].dtype == torch.float32

@@ -76,7 +76,9 @@ class GroupNormOptimizer(Optimizer):
 
     def state_dtype(self, key: str, param: Tensor) -> torch.dtype | None:
         """A group scalar keeps its own precision (at least float32) through checkpoints."""
-        return self.scalar_dtype(param) if key in self.group_state_keys else None
+        if key in self.group_state_keys:
+            return self.scalar_dtype(param)
+        return super().state_dtype(key, param)
 
     def _upgrade_state(self, state: dict[str, Any]) -> None:
         # The first parameter of a group may hold group-level state without ever having had a

@@ -117,7 +117,8 @@ class Gravity(Optimizer):
         raise KeyError("parameter not in any param group")
 
     def init_buffer(self, name: str, param: Tensor, hp: Mapping[str, Any]) -> Tensor:
-        velocity = torch.zeros_like(param, memory_format=torch.preserve_format)
+        dtype = self.state_dtype(name, param) or param.dtype  # the noise in the state's dtype
+        velocity = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
         if hp["alpha"] == 0:
             return velocity
         generator = torch.Generator().manual_seed(

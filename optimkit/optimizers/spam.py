@@ -187,7 +187,8 @@ class SPAM(Optimizer):
 
     def state_dtype(self, key: str, param: Tensor) -> torch.dtype | None:
         """The sparse-momentum mask and its id keep their dtypes through checkpoints."""
-        return {"mask": torch.bool, "mask_id": torch.int64}.get(key)
+        own = {"mask": torch.bool, "mask_id": torch.int64}.get(key)
+        return own if own is not None else super().state_dtype(key, param)
 
     def _upgrade_state(self, state: dict[str, Any]) -> None:
         super()._upgrade_state(state)
@@ -365,7 +366,9 @@ class StableSPAM(Optimizer):
 
     def state_dtype(self, key: str, param: Tensor) -> torch.dtype | None:
         """The per-tensor statistics keep their own precision through checkpoints."""
-        return stat_dtype(param.real.dtype) if key in self._SCALARS else None
+        if key in self._SCALARS:
+            return stat_dtype(param.real.dtype)
+        return super().state_dtype(key, param)
 
     @classmethod
     def state_bytes_per_param(
