@@ -385,6 +385,8 @@ CPU_CHUNK_NUMEL = 1 << 18
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)  # not tensor subclasses such as DTensor shards
+#: parameter dtypes that ``kahan`` compensates.
+_KAHAN_DTYPES = (torch.bfloat16, torch.float16)
 #: dtypes ``state_precision`` may name.
 _STATE_PRECISIONS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -474,6 +476,12 @@ class Optimizer(torch.optim.Optimizer):
             state of fp32 parameters); ``None`` (default) follows each parameter's dtype, as
             torch does. Updates are then computed in the wider of the two dtypes and rounded
             once into the parameter (and the state); checkpoints keep this dtype.
+        kahan: Kahan-compensated updates of bf16/fp16 parameters: the rounding error of each
+            parameter is kept in a buffer of the parameter's dtype (``state["kahan_comp"]``,
+            2 bytes per bf16 parameter) and added back before the next update, so updates
+            smaller than half a unit in the last place accumulate instead of being lost.
+            Computed in fp32. The fused kernels do not implement it: a fused bucket with
+            ``kahan`` runs the foreach path. No effect on fp32/fp64 parameters.
         **hyperparams: the optimizer's hyperparameters (see ``hyperparams`` of each class).
             Unknown names raise :class:`TypeError`; values outside their range raise
             :class:`ValueError` naming the parameter and the allowed values.
@@ -522,6 +530,7 @@ class Optimizer(torch.optim.Optimizer):
         *,
         impl: str | None = None,
         state_precision: torch.dtype | None = None,
+        kahan: bool = False,
         **hyperparams: Any,
     ) -> None:
         name = type(self).__name__
@@ -552,7 +561,12 @@ class Optimizer(torch.optim.Optimizer):
         defaults = self.with_defaults(hyperparams)
         self._validate(defaults)
         self.impl = impl
+        if not isinstance(kahan, bool):
+            raise TypeError(f"{name}: kahan must be True or False, got {kahan!r}")
+        if kahan and not self._uses_engine_step():
+            raise TypeError(f"{name}: kahan is not supported (this optimizer runs its own step)")
         self.state_precision = state_precision
+        self.kahan = kahan
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------------------------
@@ -673,7 +687,7 @@ class Optimizer(torch.optim.Optimizer):
         checkpoints keep it. By default: the ``state_precision`` given to the constructor, for
         floating-point parameters."""
         precision = getattr(self, "state_precision", None)
-        if precision is not None and param.is_floating_point():
+        if precision is not None and param.is_floating_point() and key != "kahan_comp":
             return precision
         return None
 
@@ -730,6 +744,7 @@ class Optimizer(torch.optim.Optimizer):
         needed = {"step", *buffers}
         params, grads, states = [], [], []
         state_of, refuse_sparse = self.state, not self.supports_sparse
+        kahan = getattr(self, "kahan", False)
         for p in group["params"]:
             grad = p.grad
             if grad is None:
@@ -746,6 +761,8 @@ class Optimizer(torch.optim.Optimizer):
                 for name in buffers:
                     if name not in state:
                         state[name] = self._new_buffer(name, p, hp)
+            if kahan and "kahan_comp" not in state and p.dtype in _KAHAN_DTYPES:
+                state["kahan_comp"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             params.append(p)
             grads.append(grad)
             states.append(state)
@@ -766,6 +783,8 @@ class Optimizer(torch.optim.Optimizer):
                 compute = self._compute_dtype(p.dtype)
                 if compute is not None:
                     columns = [[p], [g], *([views[name]] for name in buffers)]
+                    if "kahan_comp" in state and self.kahan:
+                        columns.append([state["kahan_comp"]])
                     self._step_widened(columns, buffers, compute, int(s), hp, grad_scale, impl)
                     continue
                 g = self._prepare_grad(p, _unscale(g, grad_scale), hp)
@@ -773,6 +792,9 @@ class Optimizer(torch.optim.Optimizer):
             return
         for (device, dtype, s), index in _buckets(params, step_values).items():
             path = self.impl or _auto_impl(type(self), device)
+            kahan = self.kahan and dtype in _KAHAN_DTYPES
+            if kahan and path == "fused":
+                path = "foreach"  # the kernels have no compensated variant
             if dtype.is_complex:  # as real views (gradients and state share the dtype)
                 tensors = [[_real_view(params[i]) for i in index]]
                 tensors.append([_real_view(grads[i]) for i in index])
@@ -780,6 +802,8 @@ class Optimizer(torch.optim.Optimizer):
             else:
                 tensors = [[params[i] for i in index], [grads[i] for i in index]]
                 tensors += [[states[i][name] for i in index] for name in buffers]
+            if kahan:
+                tensors.append([states[i]["kahan_comp"] for i in index])
             if path == "foreach" and device.type == "cpu" and (self.elementwise or self.tensorwise):
                 pieces = cache_sized_chunks(tensors, CPU_CHUNK_NUMEL, cut=self.elementwise)
             else:
@@ -797,9 +821,13 @@ class Optimizer(torch.optim.Optimizer):
 
     def _compute_dtype(self, dtype: torch.dtype) -> torch.dtype | None:
         """The dtype a bucket of ``dtype`` parameters is updated in when ``state_precision``
-        differs from it (the wider of the two), else None."""
+        differs from it (the wider of the two) or with ``kahan`` (fp32 at least), else None."""
+        if not dtype.is_floating_point:
+            return None
         precision = self.state_precision
-        if precision is None or precision == dtype or not dtype.is_floating_point:
+        if self.kahan and dtype in _KAHAN_DTYPES:
+            return torch.promote_types(torch.float32, precision or dtype)
+        if precision is None or precision == dtype:
             return None
         return torch.promote_types(dtype, precision)
 
@@ -814,8 +842,16 @@ class Optimizer(torch.optim.Optimizer):
         path: str,
     ) -> None:
         """Run the rule on copies in ``compute`` dtype of the tensors that are narrower, then
-        round the results back once (parameters and state)."""
+        round the results back once (parameters and state). With a Kahan column (after the
+        state buffers), each parameter's copy starts from ``param + compensation``, and the
+        new compensation is what rounding the result into the parameter lost."""
+        columns = 2 + len(buffers)
+        comps = piece[columns] if len(piece) > columns else None
+        piece = piece[:columns]
         wide = [[t if t.dtype == compute else t.to(compute) for t in column] for column in piece]
+        if comps is not None:
+            for c, comp in zip(wide[0], comps):
+                c.add_(comp)
         wrap = (lambda ts: ts[0]) if path == "reference" else TensorList  # one tensor, or a list
         p, g = wrap(wide[0]), wrap(wide[1])
         g = self._prepare_grad(p, _unscale(g, grad_scale), hp)
@@ -830,6 +866,9 @@ class Optimizer(torch.optim.Optimizer):
             for t, c in zip(column, copies):
                 if c is not t:
                     t.copy_(c)
+        if comps is not None:
+            for t, c, comp in zip(piece[0], wide[0], comps):
+                comp.copy_(c.sub_(t))  # the exact fp32 value minus its rounding
 
     def _advance_steps(self, group: Mapping[str, Any], states: list[dict[str, Any]]) -> list[float]:
         """Add 1 to the step counter of each parameter in ``states`` and return the new values.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -365,3 +366,70 @@ def test_state_precision_is_validated():
     opt.step()
     assert opt.state[p[0]]["exp_avg"].dtype == torch.bfloat16
     assert p[0].dtype == torch.float32
+
+
+def test_kahan_keeps_updates_below_half_an_ulp():
+    """bf16 weights at 1.0 (ulp 2**-7) with steps of 1e-3: plain rounding loses every step;
+    Kahan compensation keeps them (weight + compensation tracks the exact sum)."""
+    results = {}
+    for kahan in (False, True):
+        p = torch.ones(64, dtype=torch.bfloat16, requires_grad=True)
+        opt = optimkit.SGD([p], lr=1.0, kahan=kahan)
+        for _ in range(20):
+            p.grad = torch.full_like(p, -1e-3)
+            opt.step()
+        results[kahan] = (p.detach().float(), opt.state[p].get("kahan_comp"))
+    assert torch.equal(results[False][0], torch.ones(64))
+    weight, comp = results[True]
+    assert comp.dtype == torch.bfloat16
+    torch.testing.assert_close(weight, torch.full((64,), 1.02), rtol=0, atol=2.0**-7)
+    torch.testing.assert_close(weight + comp.float(), torch.full((64,), 1.02), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["AdamW", "Lion", "Adan", "SGD"])
+def test_kahan_tracks_the_fp32_trajectory_and_resumes(name):
+    """Many small steps on bf16 weights: with Kahan the weights stay closer to the fp32 run
+    than without; foreach == reference; a checkpoint (with the compensation) resumes exactly."""
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(3, 40, generator=gen).bfloat16().float()
+    grads = [torch.randn(3, 40, generator=gen) for _ in range(30)]
+    hp = {"lr": 1e-4, **({"momentum": 0.9} if name == "SGD" else {})}
+
+    def run(dtype, impl="foreach", **kw):
+        p = start.clone().to(dtype).requires_grad_()
+        opt = optimkit.create(name, [p], impl=impl, **hp, **kw)
+        for g in grads:
+            p.grad = g.to(dtype)
+            opt.step()
+        return p, opt
+
+    exact, _ = run(torch.float32)
+    plain, _ = run(torch.bfloat16)
+    compensated, opt = run(torch.bfloat16, kahan=True)
+    reference, _ = run(torch.bfloat16, impl="reference", kahan=True)
+    exact = exact.detach()
+    plain_error = (plain.detach().float() - exact).abs()
+    kahan_error = (compensated.detach().float() - exact).abs()
+    assert kahan_error.mean() < plain_error.mean()
+    # weight + compensation is the fp32 trajectory up to the compensation's own rounding
+    carried = compensated.detach().float() + opt.state[compensated]["kahan_comp"].float()
+    assert (carried - exact).abs().max() < 0.1 * plain_error.max()
+    torch.testing.assert_close(compensated, reference, rtol=0, atol=0)
+
+    twin = compensated.detach().clone().requires_grad_()
+    loaded = optimkit.create(name, [twin], **hp, kahan=True)
+    loaded.load_state_dict(copy.deepcopy(opt.state_dict()))  # as if saved to disk
+    assert torch.equal(loaded.state[twin]["kahan_comp"], opt.state[compensated]["kahan_comp"])
+    for g in grads[:3]:
+        for q, o in ((compensated, opt), (twin, loaded)):
+            q.grad = g.bfloat16()
+            o.step()
+    assert torch.equal(compensated, twin)
+
+
+def test_kahan_is_validated():
+    p = [torch.ones(2, requires_grad=True)]
+    with pytest.raises(TypeError, match="kahan"):
+        optimkit.AdamW(p, kahan=1)
+    with pytest.raises(TypeError, match="kahan"):
+        optimkit.SOAP(p, kahan=True)

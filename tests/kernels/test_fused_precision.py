@@ -82,3 +82,19 @@ def test_fused_state_precision_matches_foreach(name, param_dtype, state_precisio
         # rounding, so allow one bf16 ulp there too
         tol = max(tol, 2 * BF16_ULP if param_dtype == torch.bfloat16 else 0.0)
         assert rel_err(a, b) <= tol, key
+
+
+def test_kahan_on_a_fused_bucket_runs_the_compensated_foreach_path():
+    """The kernels have no compensated variant: ``kahan=True`` makes a fused bucket of bf16
+    parameters take the foreach path, so results equal foreach's exactly."""
+    results = []
+    for impl in ("fused", "foreach"):
+        p = torch.ones(40, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+        opt = optimkit.AdamW([p], impl=impl, lr=1e-4, kahan=True)
+        for s in range(STEPS):
+            gen = torch.Generator().manual_seed(s)
+            p.grad = torch.randn(40, generator=gen).to(DEVICE, torch.bfloat16)
+            opt.step()
+        results.append((p.detach().clone(), opt.state[p]["kahan_comp"].clone()))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
