@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import optimkit
@@ -125,3 +126,25 @@ def test_speed_matrix_main_tiny(tmp_path):
     payload = json.loads(out.read_text())
     assert [r["optimizer"] for r in payload["results"]] == ["SOAP", "Shampoo", "Muon"]
     assert all(r["ms_per_step"] > 0 and r["flops_per_step"] > 0 for r in payload["results"])
+
+
+def test_speed_matrix_configured_optimizers_and_precisions(tmp_path):
+    """NAME(key=value) specs are timed with those hyperparameters; the floor uses the matmul
+    precision they select; every row reports its share of a 0.5 M-token training step."""
+    from optimkit.lab import speed_matrix
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert speed_matrix.precision_of("Muon", {"ns_dtype": "auto"}, cuda) == "bf16"
+    assert speed_matrix.precision_of("Muon", {"ns_dtype": "auto"}, cpu) == "fp32"
+    assert speed_matrix.precision_of("SOAP", {"matmul_precision": "tf32"}, cuda) == "tf32"
+    assert speed_matrix.precision_of("SOAP", {"matmul_precision": "tf32"}, cpu) == "fp32"
+    assert speed_matrix.precision_of("Shampoo", {}, cuda) == "fp32"
+    out = tmp_path / "matrix.json"
+    argv = ["--size", "tiny", "--device", "cpu", "--steps", "1", "--out", str(out)]
+    assert speed_matrix.main([*argv, "--optimizers", "SOAP(precondition_frequency=2), Muon"]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["optimizer"] for r in rows] == ["SOAP(precondition_frequency=2)", "Muon"]
+    assert rows[0]["hyperparameters"]["precondition_frequency"] == 2
+    assert all(r["share_of_training_step"] > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        speed_matrix.main([*argv, "--optimizers", "AdamW"])

@@ -18,6 +18,7 @@ import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,18 +26,25 @@ import optimkit
 from optimkit.lab.speed import _make_params, _sync, llama_shapes, shapes_for
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, size: int = 4096) -> float:
-    """Measured FLOP/s of a square matmul in ``dtype`` (TF32 off: plain fp32 for float32)."""
+def matmul_rate(device: torch.device, precision: str, size: int = 4096) -> float:
+    """Measured FLOP/s of a square matmul at ``precision``: ``"fp32"`` (TF32 off), ``"tf32"``
+    (fp32 tensors, TF32 allowed) or ``"bf16"``."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b
-    best = math.inf
-    for _ in range(5):
-        _sync(device)
-        start = time.perf_counter()
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
         a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
+        best = math.inf
+        for _ in range(5):
+            _sync(device)
+            start = time.perf_counter()
+            a @ b
+            _sync(device)
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
     return 2 * size**3 / best
 
 
@@ -82,22 +90,76 @@ def muon_flops(shapes, ns_steps: int = 5) -> float:
     return total
 
 
+#: name -> (hyperparameters, flops(shapes, hp)); the precision of the matmuls comes from the
+#: hyperparameters (``matmul_precision`` for SOAP and Shampoo, ``ns_dtype`` for Muon).
 CANDIDATES = {
     "SOAP": (
         dict(precondition_frequency=10),
-        torch.float32,
-        lambda shapes, hp: soap_flops(shapes, hp["precondition_frequency"]),
+        lambda shapes, hp: soap_flops(shapes, hp["precondition_frequency"], hp["max_precond_dim"]),
     ),
     "Shampoo": (
         dict(preconditioning_compute_steps=10),
-        torch.float32,
-        lambda shapes, hp: shampoo_flops(shapes, 128, 10),
+        lambda shapes, hp: shampoo_flops(
+            shapes, hp["block_size"], hp["preconditioning_compute_steps"]
+        ),
     ),
-    "Muon": ({}, torch.bfloat16, lambda shapes, hp: muon_flops(shapes)),
+    "Muon": ({}, lambda shapes, hp: muon_flops(shapes, hp["ns_steps"])),
 }
+
+#: tokens of the "realistic batch" against which the optimizer's share of a training step is
+#: reported (the issue's 0.5 M tokens), for a step of 6 N FLOPs per token at the bf16 rate.
+TRAINING_TOKENS = 500_000
+
+
+def precision_of(name: str, hp: dict[str, Any], device: torch.device) -> str:
+    """The matmul precision a configured optimizer runs at: "fp32", "tf32" or "bf16"."""
+    if name == "Muon":
+        choice = hp.get("ns_dtype", "auto")
+        if choice == "auto":
+            return "bf16" if device.type == "cuda" else "fp32"
+        return {"bfloat16": "bf16"}.get(choice, "fp32")
+    precision = hp.get("matmul_precision", "fp32")
+    return "fp32" if device.type != "cuda" and precision == "tf32" else precision
+
+
+def _time(opt: torch.optim.Optimizer, device: torch.device, steps: int) -> tuple[float, list]:
+    _sync(device)
+    start = time.perf_counter()
+    opt.step()  # initialises statistics and bases
+    _sync(device)
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        start = time.perf_counter()
+        opt.step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return first, times
+
+
+def _peers(device: torch.device) -> dict[str, Any]:
+    """Other libraries' implementations to time on the same list, where installed."""
+    peers: dict[str, Any] = {}
+    try:
+        import pytorch_optimizer
+    except ImportError:
+        return peers
+    version = getattr(pytorch_optimizer, "__version__", "?")
+    peers[f"pytorch_optimizer {version} SOAP"] = (
+        lambda ps: pytorch_optimizer.SOAP(ps, precondition_frequency=10),
+        "SOAP",
+    )
+    return peers
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from optimkit.lab.search import parse_optimizer_list
+
     parser = argparse.ArgumentParser(prog="optimkit bench speed-matrix", description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -106,61 +168,82 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="gpu: the 0.6 B transformer list (default on CUDA); tiny: tests",
     )
-    parser.add_argument("--optimizers", default=",".join(CANDIDATES))
+    parser.add_argument(
+        "--optimizers",
+        default=",".join(CANDIDATES),
+        help="comma-separated NAME or NAME(key=value, ...) among " + ", ".join(CANDIDATES),
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps (one refresh period)")
+    parser.add_argument(
+        "--peers", action="store_true", help="also time pytorch_optimizer's SOAP, if installed"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     size = args.size or ("gpu" if device.type == "cuda" else "tiny")
     shapes = llama_shapes() if size == "gpu" else shapes_for("tiny")
     numel = sum(math.prod(s) for s in shapes)
-    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CANDIDATES]
+    try:
+        specs = parse_optimizer_list(args.optimizers)
+    except ValueError as error:
+        parser.error(str(error))
+    unknown = [s.name for s in specs if s.name not in CANDIDATES]
     if unknown:
         parser.error(f"unknown optimizer(s) {unknown}; choose from {', '.join(CANDIDATES)}")
-    rates = {dtype: matmul_rate(device, dtype) for dtype in (torch.float32, torch.bfloat16)}
+    precisions = ("fp32", "tf32", "bf16") if device.type == "cuda" else ("fp32", "bf16")
+    rates = {p: matmul_rate(device, p) for p in precisions}
+    rates.setdefault("tf32", rates["fp32"])
+    training_ms = 1e3 * 6 * numel * TRAINING_TOKENS / rates["bf16"]
     print(
-        f"device {device}, {len(shapes)} tensors, {numel / 1e6:.1f} M parameters; matmul "
-        f"rate fp32 {rates[torch.float32] / 1e12:.1f} TFLOP/s, "
-        f"bf16 {rates[torch.bfloat16] / 1e12:.1f} TFLOP/s"
+        f"device {device}, {len(shapes)} tensors, {numel / 1e6:.1f} M parameters; matmul rate "
+        + ", ".join(f"{p} {r / 1e12:.1f}" for p, r in rates.items())
+        + f" TFLOP/s; a {TRAINING_TOKENS / 1e6:g} M-token training step (6 N FLOPs per token "
+        f"at the bf16 rate) takes at least {training_ms:.0f} ms"
     )
 
     params = _make_params(shapes, device)
     baseline = torch.optim.AdamW(params, fused=device.type == "cuda")
-    baseline.step()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        baseline.step()
-    _sync(device)
-    adamw_ms = 1e3 * (time.perf_counter() - start) / args.steps
+    _, times = _time(baseline, device, args.steps)
+    adamw_ms = 1e3 * sum(times) / len(times)
     del baseline, params
 
+    runs: list[tuple[str, str, Any, dict[str, Any]]] = []
+    for spec in specs:
+        base, _ = CANDIDATES[spec.name]
+        hp = {**base, **spec.fixed_hyperparams}
+        label = spec.name if not spec.fixed else spec.label
+        runs.append(
+            (
+                label,
+                spec.name,
+                (lambda n, h: lambda ps: optimkit.create(n, ps, **h))(spec.name, hp),
+                hp,
+            )
+        )
+    if args.peers:
+        for label, (make, algorithm) in _peers(device).items():
+            runs.append((label, algorithm, make, dict(CANDIDATES[algorithm][0])))
+
     rows = []
-    for name in names:
-        hp, dtype, flops_fn = CANDIDATES[name]
+    for label, algorithm, make, hp in runs:
         params = _make_params(shapes, device)
-        opt = optimkit.create(name, params, **hp)
-        _sync(device)
-        start = time.perf_counter()
-        opt.step()  # initialises statistics and bases
-        _sync(device)
-        first = time.perf_counter() - start
-        times = []
-        for _ in range(args.steps):
-            _sync(device)
-            start = time.perf_counter()
-            opt.step()
-            _sync(device)
-            times.append(time.perf_counter() - start)
+        try:
+            opt = make(params)
+            first, times = _time(opt, device, args.steps)
+        except Exception as error:  # a peer may fail on this list: report it, go on
+            rows.append({"optimizer": label, "error": f"{type(error).__name__}: {error}"})
+            print(f"{label}: {rows[-1]['error']}")
+            continue
         ms = 1e3 * sum(times) / len(times)  # the mean covers one refresh period
-        flops = flops_fn(shapes, {**optimkit.info(name).defaults, **hp})
-        floor_ms = 1e3 * flops / rates[dtype]
+        full = {**optimkit.info(algorithm).defaults, **hp}
+        precision = precision_of(algorithm, full, device)
+        flops = CANDIDATES[algorithm][1](shapes, full)
+        floor_ms = 1e3 * flops / rates[precision]
         rows.append(
             {
-                "optimizer": name,
+                "optimizer": label,
                 "hyperparameters": hp,
-                "matmul_dtype": str(dtype),
+                "matmul_precision": precision,
                 "ms_per_step": ms,
                 "median_ms": 1e3 * statistics.median(times),
                 "first_step_s": first,
@@ -168,12 +251,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "floor_ms": floor_ms,
                 "vs_floor": ms / floor_ms if floor_ms else None,
                 "vs_torch_fused_adamw": ms / adamw_ms,
+                "share_of_training_step": ms / training_ms,
             }
         )
         print(
-            f"{name:<8} {ms:9.1f} ms/step (median {rows[-1]['median_ms']:.1f}, first step "
-            f"{first:.1f} s)  {flops / 1e12:7.2f} TFLOP/step  floor {floor_ms:8.1f} ms  "
-            f"{rows[-1]['vs_floor']:.2f}x floor  {ms / adamw_ms:.1f}x torch AdamW"
+            f"{label:<34} {ms:9.1f} ms/step (median {rows[-1]['median_ms']:.1f}, first step "
+            f"{first:.1f} s)  {flops / 1e12:7.2f} TFLOP/step  floor {floor_ms:8.1f} ms at "
+            f"{precision}  {_ratio(rows[-1]['vs_floor'])} floor  {ms / adamw_ms:.1f}x torch "
+            f"AdamW  {100 * ms / training_ms:.1f}% of a training step"
         )
         del opt, params
     print(f"torch AdamW ({'fused' if device.type == 'cuda' else 'foreach'}): {adamw_ms:.2f} ms")
@@ -182,14 +267,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.write_text(
             json.dumps(
                 {
-                    "device": str(device),
+                    "device": torch.cuda.get_device_name(device)
+                    if device.type == "cuda"
+                    else str(device),
                     "parameters": numel,
                     "torch": torch.__version__,
-                    "matmul_flops_per_s": {str(k): v for k, v in rates.items()},
+                    "matmul_flops_per_s": rates,
+                    "training_step_ms": training_ms,
                     "torch_adamw_ms": adamw_ms,
                     "results": rows,
                 },
                 indent=2,
+                default=str,
             )
         )
     return 0
