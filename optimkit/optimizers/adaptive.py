@@ -506,6 +506,7 @@ class EXAdam(Optimizer):
     }
     weight_decay_mode = "decoupled"
     elementwise = True
+    impls = ("reference", "foreach", "fused")
 
     @classmethod
     def state_buffers(cls, hp: Mapping[str, Any]) -> tuple[str, ...]:
@@ -629,6 +630,7 @@ class OptimisticAMSGrad(Optimizer):
     }
     weight_decay_mode = "coupled"
     elementwise = True
+    impls = ("reference", "foreach", "fused")
 
     @classmethod
     def state_buffers(cls, hp: Mapping[str, Any]) -> tuple[str, ...]:

@@ -90,6 +90,7 @@ class MADGRAD(Optimizer):
     }
     weight_decay_mode = None  # coupled (L2) or the authors' decoupled form, see update
     elementwise = True
+    impls = ("reference", "foreach", "fused")
 
     @classmethod
     def state_buffers(cls, hp: Mapping[str, Any]) -> tuple[str, ...]:

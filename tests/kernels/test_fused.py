@@ -65,6 +65,14 @@ CASES = {
         {},
         {"lr_decay": 0.01, "initial_accumulator_value": 0.1, "weight_decay": 0.1, "maximize": True},
     ],
+    "EXAdam": [{}, {"growing_lr": True, "weight_decay": 0.1, "maximize": True}],
+    "OptimisticAMSGrad": [{}, {"weight_decay": 0.1, "betas": (0.8, 0.95), "maximize": True}],
+    "MADGRAD": [
+        {},
+        {"momentum": 0.0, "weight_decay": 0.1},
+        {"decouple_decay": True, "weight_decay": 0.1, "maximize": True},
+        {"momentum": 0.0, "eps": 0.0, "decouple_decay": True, "weight_decay": 0.05},
+    ],
 }
 PARAMS = [(name, hp) for name, cases in CASES.items() for hp in cases]
 
