@@ -390,13 +390,18 @@ def launch(
         )
     present = tuple(name for name in record.state if name in state)
     unknown = set(state) - set(present)
-    if unknown:
+    if unknown and (record.supports is None or record.supports(hp)):
         raise RuntimeError(f"fused rule {record.name} does not take state {sorted(unknown)}")
     grad_scale = getattr(optimizer, "grad_scale", None)
     if isinstance(grad_scale, (int, float)):
         grad_scale = torch.tensor(float(grad_scale), device=device)
     elif grad_scale is not None and grad_scale.device != device:
         grad_scale = grad_scale.to(device, non_blocking=True)
+
+    if record.supports is not None and not record.supports(hp):
+        # hyperparameters the kernel does not cover (e.g. a variant with per-tensor ranking)
+        _fallback(optimizer, param, grad, dict(state), step, hp, grad_scale)
+        return
 
     if not all(type(t) in _PLAIN for t in itertools.chain(params, grads)):
         # tensor subclasses (e.g. FSDP2's DTensor shards) have no single data pointer

@@ -36,6 +36,7 @@ __all__ = ["FusedRule", "register_fused", "rule_for", "registered", "load_rules"
 
 ScalarFn = Callable[[Mapping[str, Any], int], Mapping[str, float]]
 FlagFn = Callable[[Mapping[str, Any]], Mapping[str, Any]]
+SupportsFn = Callable[[Mapping[str, Any]], bool]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class FusedRule:
     scalars: ScalarFn | None = None
     flags: FlagFn | None = None
     optimizers: tuple[type, ...] = field(default=())
+    supports: SupportsFn | None = None
 
     @property
     def name(self) -> str:
@@ -64,6 +66,7 @@ def register_fused(
     state: tuple[str, ...] = (),
     scalars: ScalarFn | None = None,
     flags: FlagFn | None = None,
+    supports: SupportsFn | None = None,
 ) -> FusedRule:
     """Register ``rule`` (a ``@triton.jit`` function) as the fused kernel of ``optimizers``.
 
@@ -76,10 +79,13 @@ def register_fused(
         scalars: ``(hp, step) -> {name: float}``: derived runtime scalars (e.g. bias
             corrections computed in double precision on the host).
         flags: ``hp -> {name: value}``: compile-time constants of the rule.
+        supports: ``hp -> bool``: whether the rule covers a group with these
+            hyperparameters; a group it declines runs the class's foreach rule (prepared as
+            the engine prepares it) on the same tensors.
     """
     if not optimizers:
         raise ValueError("register_fused needs at least one optimizer class")
-    record = FusedRule(rule, tuple(state), scalars, flags, tuple(optimizers))
+    record = FusedRule(rule, tuple(state), scalars, flags, tuple(optimizers), supports)
     for cls in optimizers:
         if cls in _RULES:
             raise ValueError(f"{cls.__name__} already has a fused rule ({_RULES[cls].name})")

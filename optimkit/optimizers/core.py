@@ -164,6 +164,7 @@ class CoRe(Optimizer):
         "maximize": MAXIMIZE,
     }
     weight_decay_mode = None  # the decay is scaled by |u_t| inside the rule
+    impls = ("reference", "foreach", "fused")  # fused: without a score history
 
     @classmethod
     def state_buffers(cls, hp: Mapping[str, Any]) -> tuple[str, ...]:

@@ -140,6 +140,7 @@ class SPAM(Optimizer):
         "maximize": MAXIMIZE,
     }
     weight_decay_mode = None  # applied after the update, as in the authors' code
+    impls = ("reference", "foreach", "fused")  # fused: dense momentum (density 1)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._masks_made = 0  # numbers each sparse parameter's mask stream (saved in its state)

@@ -73,6 +73,16 @@ CASES = {
         {"decouple_decay": True, "weight_decay": 0.1, "maximize": True},
         {"momentum": 0.0, "eps": 0.0, "decouple_decay": True, "weight_decay": 0.05},
     ],
+    # resets at steps 4 and 8, warm-up after each, clipping from step 1 (threshold 2)
+    "SPAM": [
+        {"reset_interval": 4, "warmup_steps": 2, "clip_delay": 1, "threshold": 2.0},
+        {"weight_decay": 0.1, "maximize": True, "clip_delay": 0, "reset_interval": 0},
+    ],
+    "CoRe": [
+        {},
+        {"betas": (0.7, 0.8, 5.0, -1.0), "weight_decay": 0.0, "maximize": True},
+        {"step_sizes": (1e-4, 2e-2), "etas": (0.5, 1.5), "weight_decay": 0.3},
+    ],
 }
 PARAMS = [(name, hp) for name, cases in CASES.items() for hp in cases]
 
