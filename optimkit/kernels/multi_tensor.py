@@ -91,9 +91,40 @@ def _to_dtype(x, DTYPE: tl.constexpr):
 # ------------------------------------------------------------------------------------------
 _TEMPLATE = """
 def {kernel}(
-    _table, _grads, _chunks, _grad_scale, _sign, _weight_decay, _decay, _seed,{scalars}
+    _table, _grads, _chunks, _grad_scale, _sign, _weight_decay, _decay, _seed,{tscalar_arg}{scalars}
     _CHUNK: tl.constexpr, _BLOCK: tl.constexpr, _COLS: tl.constexpr, _HAS_SCALE: tl.constexpr,
     _WD_MODE: tl.constexpr, _ROUNDING: tl.constexpr, _ALIGNED: tl.constexpr,
+    _PARAM_T: tl.constexpr, _GRAD_T: tl.constexpr,{state_types}{flags}
+):
+    _pid = tl.program_id(0)
+    _t = tl.load(_chunks + 2 * _pid)
+    _start = tl.load(_chunks + 2 * _pid + 1) * _CHUNK
+    _row = _table + _t * _COLS
+    _len = tl.minimum(tl.load(_row + _COLS - 1) - _start, _CHUNK).to(tl.int32)
+    _param_ptr = _tensor_ptr(_row, _start, _PARAM_T, _ALIGNED)
+    _grad_ptr = _tensor_ptr(_grads + _t, _start, _GRAD_T, _ALIGNED)
+{state_ptrs}
+{tscalar_loads}
+    _inv_scale = 1.0
+    if _HAS_SCALE:
+        _inv_scale = 1.0 / tl.load(_grad_scale).to(tl.float32)
+    _full = _len // _BLOCK * _BLOCK
+    for _off in range(0, _full, _BLOCK):
+        _idx = _off + tl.arange(0, _BLOCK)
+{body}
+    if _full < _len:
+        _idx = _full + tl.arange(0, _BLOCK)
+        _mask = _idx < _len
+{masked_body}
+"""
+
+# The extra read-only pass of a rule with per-tensor reductions: the same loads and
+# preparation, then per-chunk sums of the quantities ``_stats`` returns.
+_STATS_TEMPLATE = """
+def {kernel}(
+    _table, _grads, _chunks, _grad_scale, _sign, _weight_decay, _decay, _partials,{scalars}
+    _CHUNK: tl.constexpr, _BLOCK: tl.constexpr, _COLS: tl.constexpr, _HAS_SCALE: tl.constexpr,
+    _WD_MODE: tl.constexpr, _ALIGNED: tl.constexpr,
     _PARAM_T: tl.constexpr, _GRAD_T: tl.constexpr,{state_types}{flags}
 ):
     _pid = tl.program_id(0)
@@ -107,6 +138,7 @@ def {kernel}(
     _inv_scale = 1.0
     if _HAS_SCALE:
         _inv_scale = 1.0 / tl.load(_grad_scale).to(tl.float32)
+{acc_init}
     _full = _len // _BLOCK * _BLOCK
     for _off in range(0, _full, _BLOCK):
         _idx = _off + tl.arange(0, _BLOCK)
@@ -115,6 +147,22 @@ def {kernel}(
         _idx = _full + tl.arange(0, _BLOCK)
         _mask = _idx < _len
 {masked_body}
+{acc_store}
+"""
+
+_STATS_BODY = """\
+param = tl.load(_param_ptr + _idx{m}).to(tl.float32)
+grad = tl.load(_grad_ptr + _idx{m}).to(tl.float32)
+{state_loads}
+if _HAS_SCALE:
+    grad = grad * _inv_scale
+grad = grad * _sign
+if _WD_MODE == 1:
+    grad = grad + _weight_decay * param
+if _WD_MODE == 2:
+    param = param * _decay
+{results} = _stats({arguments})
+{accumulate}
 """
 
 _BODY = """\
@@ -144,17 +192,22 @@ class _Signature:
     states: tuple[str, ...]
     flags: tuple[str, ...]
     scalars: tuple[str, ...]
+    tensor_scalars: tuple[str, ...] = ()
 
 
-_SIGNATURES: dict[int, _Signature] = {}
-_KERNELS: dict[tuple[int, tuple[str, ...]], Any] = {}
+_SIGNATURES: dict[tuple[int, bool], _Signature] = {}
+_KERNELS: dict[tuple[int, tuple[str, ...], bool], Any] = {}
 
 
-def _signature(record: FusedRule) -> _Signature:
-    sig = _SIGNATURES.get(id(record))
+def _signature(record: FusedRule, stats: bool = False) -> _Signature:
+    """The arguments of the rule (or, with ``stats``, of its reduction's ``stats``)."""
+    sig = _SIGNATURES.get((id(record), stats))
     if sig is not None:
         return sig
-    fn = getattr(record.rule, "fn", record.rule)
+    reduction = record.reduction
+    tensor_scalars = () if stats or reduction is None else reduction.outputs
+    fn = reduction.stats if stats else record.rule
+    fn = getattr(fn, "fn", fn)
     params = list(inspect.signature(fn).parameters.values())
     names = tuple(p.name for p in params)
     if names[:2] != ("param", "grad"):
@@ -162,21 +215,23 @@ def _signature(record: FusedRule) -> _Signature:
     bad = [n for n in names if n.startswith("_")]
     if bad:
         raise TypeError(f"fused rule {record.name}: argument names may not start with '_': {bad}")
-    states, flags, scalars = [], [], []
+    states, flags, scalars, per_tensor = [], [], [], []
     for p in params[2:]:
         if "constexpr" in str(p.annotation):
             flags.append(p.name)
         elif p.name in record.state:
             states.append(p.name)
+        elif p.name in tensor_scalars:
+            per_tensor.append(p.name)
         else:
             scalars.append(p.name)
     missing = set(record.state) - set(states)
-    if missing:
+    if missing and not stats:
         raise TypeError(
             f"fused rule {record.name}: state {sorted(missing)} not among its arguments"
         )
-    sig = _Signature(names, tuple(states), tuple(flags), tuple(scalars))
-    _SIGNATURES[id(record)] = sig
+    sig = _Signature(names, tuple(states), tuple(flags), tuple(scalars), tuple(per_tensor))
+    _SIGNATURES[(id(record), stats)] = sig
     return sig
 
 
@@ -207,8 +262,15 @@ def _generate(record: FusedRule, present: tuple[str, ...]) -> str:
         )
         return _indent(text, 8)
 
+    outputs = record.reduction.outputs if record.reduction is not None else ()
+    tscalar_loads = "\n".join(
+        f"    {name} = tl.load(_tscalars + _t * {len(outputs)} + {j})"
+        for j, name in enumerate(outputs)
+    )
     return _TEMPLATE.format(
         kernel=f"_fused_{record.name}",
+        tscalar_arg=" _tscalars," if outputs else "",
+        tscalar_loads=tscalar_loads,
         scalars="".join(f" {n}," for n in sig.scalars),
         state_types="".join(f" _{upper[n]}_T: tl.constexpr," for n in present),
         flags="".join(f" {n}: tl.constexpr," for n in sig.flags),
@@ -218,14 +280,60 @@ def _generate(record: FusedRule, present: tuple[str, ...]) -> str:
     )
 
 
-def kernel_for(record: FusedRule, present: tuple[str, ...]) -> Any:
-    """The (cached) Triton kernel of ``record`` for the state buffers ``present``."""
-    key = (id(record), present)
+def _generate_stats(record: FusedRule, present: tuple[str, ...]) -> str:
+    """The source of the reduction pass of ``record`` with the state buffers ``present``."""
+    sig = _signature(record, stats=True)
+    count = record.reduction.count
+    upper = {name: name.upper() for name in record.state}
+    used = [name for name in present if name in sig.states]
+    state_ptrs = "\n".join(
+        f"    _{name}_ptr = _tensor_ptr(_row + {1 + present.index(name)}, _start, "
+        f"_{upper[name]}_T, _ALIGNED)"
+        for name in used
+    )
+    arguments = ", ".join(n if n not in sig.states or n in present else "0.0" for n in sig.names)
+    results = ", ".join(f"_v{k}" for k in range(count))
+
+    def body(masked: bool) -> str:
+        m = ", mask=_mask" if masked else ""
+        loads = "\n".join(f"{n} = tl.load(_{n}_ptr + _idx{m}).to(tl.float32)" for n in used)
+        accumulate = "\n".join(
+            f"_acc{k} += tl.where(_mask, _v{k}, 0.0)" if masked else f"_acc{k} += _v{k}"
+            for k in range(count)
+        )
+        text = _STATS_BODY.format(
+            m=m, state_loads=loads, results=results, arguments=arguments, accumulate=accumulate
+        )
+        return _indent(text, 8)
+
+    return _STATS_TEMPLATE.format(
+        kernel=f"_stats_{record.name}",
+        scalars="".join(f" {n}," for n in sig.scalars),
+        state_types="".join(f" _{upper[n]}_T: tl.constexpr," for n in present),
+        flags="".join(f" {n}: tl.constexpr," for n in sig.flags),
+        state_ptrs=state_ptrs,
+        acc_init="\n".join(
+            f"    _acc{k} = tl.zeros([_BLOCK], dtype=tl.float32)" for k in range(count)
+        ),
+        body=body(False),
+        masked_body=body(True),
+        acc_store="\n".join(
+            f"    tl.store(_partials + _pid * {count} + {k}, tl.sum(_acc{k}, axis=0))"
+            for k in range(count)
+        ),
+    )
+
+
+def kernel_for(record: FusedRule, present: tuple[str, ...], stats: bool = False) -> Any:
+    """The (cached) Triton kernel of ``record`` for the state buffers ``present`` (with
+    ``stats``: the kernel of its reduction pass)."""
+    key = (id(record), present, stats)
     kernel = _KERNELS.get(key)
     if kernel is not None:
         return kernel
-    source = _generate(record, present)
-    filename = f"<optimkit-fused-{record.name}-{'-'.join(present) or 'stateless'}>"
+    source = _generate_stats(record, present) if stats else _generate(record, present)
+    kind = "stats" if stats else "fused"
+    filename = f"<optimkit-{kind}-{record.name}-{'-'.join(present) or 'stateless'}>"
     # Triton reads a kernel's source through inspect, which finds it in linecache.
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     namespace = {
@@ -233,12 +341,14 @@ def kernel_for(record: FusedRule, present: tuple[str, ...]) -> Any:
         "tl": tl,
         "triton": triton,
         "_rule": record.rule,
+        "_stats": record.reduction.stats if record.reduction is not None else None,
         "_tensor_ptr": _tensor_ptr,
         "_stochastic_bf16": _stochastic_bf16,
         "_to_dtype": _to_dtype,
     }
     exec(compile(source, filename, "exec"), namespace)
-    kernel = triton.jit(do_not_specialize=["_seed"])(namespace[f"_fused_{record.name}"])
+    name = f"_{kind}_{record.name}"
+    kernel = triton.jit(do_not_specialize=[] if stats else ["_seed"])(namespace[name])
     _KERNELS[key] = kernel
     return kernel
 
@@ -324,10 +434,11 @@ def _plan(
 
 
 def _binding(
-    record: FusedRule, hp: Mapping[str, Any], step: int
+    record: FusedRule, hp: Mapping[str, Any], step: int, stats: bool = False
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Runtime scalars and compile-time flags of the rule for a group's hyperparameters."""
-    sig = _signature(record)
+    """Runtime scalars and compile-time flags of the rule (or of its reduction pass) for a
+    group's hyperparameters."""
+    sig = _signature(record, stats)
     values: dict[str, Any] = {"step": step}
     flags: dict[str, Any] = {}
     for key, value in hp.items():
@@ -389,7 +500,8 @@ def launch(
             f"under TRITON_INTERPRET=1); got tensors on {device}"
         )
     present = tuple(name for name in record.state if name in state)
-    unknown = set(state) - set(present)
+    per_tensor = record.reduction.tensor_state if record.reduction is not None else ()
+    unknown = set(state) - set(present) - set(per_tensor)
     if unknown and (record.supports is None or record.supports(hp)):
         raise RuntimeError(f"fused rule {record.name} does not take state {sorted(unknown)}")
     grad_scale = getattr(optimizer, "grad_scale", None)
@@ -405,8 +517,7 @@ def launch(
 
     if not all(type(t) in _PLAIN for t in itertools.chain(params, grads)):
         # tensor subclasses (e.g. FSDP2's DTensor shards) have no single data pointer
-        views = {n: state[n] for n in present}
-        _fallback(optimizer, param, grad, views, step, hp, grad_scale)
+        _fallback(optimizer, param, grad, dict(state), step, hp, grad_scale)
         return
 
     # The usual case: one launch for the bucket. (A gradient has its parameter's dtype and
@@ -417,6 +528,7 @@ def launch(
     if plan.dtypes is not None and all(map(Tensor.is_contiguous, grads)):
         dtypes = (grads[0].dtype, *plan.dtypes[1:])
         sub_s = dict(zip(present, columns))
+        sub_s.update({n: state[n].tensors for n in per_tensor})
         _launch_one(
             optimizer, record, present, params, grads, sub_s, dtypes, step, hp, grad_scale, plan
         )
@@ -431,12 +543,13 @@ def launch(
         else:
             groups.setdefault(("fallback",), []).append(i)
     for dtypes, index in groups.items():
+        names = present + per_tensor
         if len(groups) == 1:
-            sub_p, sub_g, sub_s = params, grads, {n: state[n].tensors for n in present}
+            sub_p, sub_g, sub_s = params, grads, {n: state[n].tensors for n in names}
         else:
             sub_p = [params[i] for i in index]
             sub_g = [grads[i] for i in index]
-            sub_s = {n: [state[n].tensors[i] for i in index] for n in present}
+            sub_s = {n: [state[n].tensors[i] for i in index] for n in names}
         if dtypes == ("fallback",):
             views = {n: TensorList(ts) for n, ts in sub_s.items()}
             _fallback(optimizer, TensorList(sub_p), TensorList(sub_g), views, step, hp, grad_scale)
@@ -467,7 +580,11 @@ def _launch_one(
     kernel = kernel_for(record, present)
     scalars, flags = _binding(record, hp, step)
     mode = _WD_MODES[optimizer._weight_decay_mode(hp)]
-    weight_decay = float(hp.get("weight_decay", 0.0))
+    common = dict(
+        _sign=-1.0 if hp.get("maximize", False) else 1.0,
+        _weight_decay=float(hp.get("weight_decay", 0.0)),
+        _decay=1.0 - hp["lr"] * float(hp.get("weight_decay", 0.0)) if "lr" in hp else 1.0,
+    )
     rounding = bool(getattr(optimizer, "stochastic_rounding", False)) and (
         params[0].dtype == torch.bfloat16
     )
@@ -480,29 +597,71 @@ def _launch_one(
         seed = (1 << 62) + (calls << 24) + (torch.initial_seed() % (1 << 24))
     state_types = {f"_{n.upper()}_T": _TL_DTYPES[dt] for n, dt in zip(present, dtypes[1:])}
     device = params[0].device
-    args = dict(
-        _sign=-1.0 if hp.get("maximize", False) else 1.0,
-        _weight_decay=weight_decay,
-        _decay=1.0 - hp["lr"] * weight_decay if "lr" in hp else 1.0,
-        _seed=seed,
-        **scalars,
+    scale_arg = grad_scale if grad_scale is not None else plan.table
+    num_warps = int(config["num_warps"])
+    geometry = dict(
         _CHUNK=chunk,
         _BLOCK=block,
         _COLS=2 + len(present),
         _HAS_SCALE=grad_scale is not None,
         _WD_MODE=mode,
-        _ROUNDING=rounding,
         _ALIGNED=plan.aligned and plan.grad_aligned,
         _PARAM_T=_TL_DTYPES[params[0].dtype],
         _GRAD_T=_TL_DTYPES[dtypes[0]],
         **state_types,
+    )
+    extra: dict[str, Any] = {}
+    if record.reduction is not None:
+        extra["_tscalars"] = _per_tensor_scalars(
+            record, present, params, states, step, hp, plan, scale_arg, common, geometry
+        )
+    args = dict(
+        **common,
+        _seed=seed,
+        **extra,
+        **scalars,
+        _ROUNDING=rounding,
+        **geometry,
         **flags,
     )
-    scale_arg = grad_scale if grad_scale is not None else plan.table
     run = kernel[(plan.n_chunks,)]
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            run(plan.table, plan.grad_table, plan.chunks, scale_arg, **args, num_warps=num_warps)
+    else:
+        run(plan.table, plan.grad_table, plan.chunks, scale_arg, **args, num_warps=num_warps)
+
+
+def _per_tensor_scalars(
+    record: FusedRule,
+    present: tuple[str, ...],
+    params: list[Tensor],
+    states: dict[str, list[Tensor]],
+    step: int,
+    hp: Mapping[str, Any],
+    plan: _Plan,
+    scale_arg: Tensor,
+    common: dict[str, Any],
+    geometry: dict[str, Any],
+) -> Tensor:
+    """The reduction pass of ``record``: per-chunk sums (one read of the tensors it needs),
+    summed per tensor on the device, then ``finish`` -> an ``(n, outputs)`` fp32 table."""
+    reduction = record.reduction
+    device = params[0].device
+    kernel = kernel_for(record, present, stats=True)
+    scalars, flags = _binding(record, hp, step, stats=True)
+    partials = torch.empty((plan.n_chunks, reduction.count), device=device, dtype=torch.float32)
+    run = kernel[(plan.n_chunks,)]
+    args = dict(**common, _partials=partials, **scalars, **geometry, **flags)
     num_warps = int(config["num_warps"])
     if device.type == "cuda" and device.index != torch.cuda.current_device():
         with torch.cuda.device(device):
             run(plan.table, plan.grad_table, plan.chunks, scale_arg, **args, num_warps=num_warps)
     else:
         run(plan.table, plan.grad_table, plan.chunks, scale_arg, **args, num_warps=num_warps)
+    owner = plan.chunks.view(-1, 2)[:, 0]  # the tensor of each chunk
+    sums = torch.zeros((len(params), reduction.count), device=device, dtype=torch.float32)
+    sums.index_add_(0, owner, partials)
+    tensor_state = {name: states[name] for name in reduction.tensor_state}
+    table = reduction.finish(sums, params, tensor_state, hp, step)
+    return table.to(device=device, dtype=torch.float32).contiguous()

@@ -32,11 +32,39 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FusedRule", "register_fused", "rule_for", "registered", "load_rules"]
+__all__ = ["FusedRule", "Reduction", "register_fused", "rule_for", "registered", "load_rules"]
 
 ScalarFn = Callable[[Mapping[str, Any], int], Mapping[str, float]]
 FlagFn = Callable[[Mapping[str, Any]], Mapping[str, Any]]
 SupportsFn = Callable[[Mapping[str, Any]], bool]
+
+
+FinishFn = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """Per-tensor reductions a rule needs before its elementwise pass (LAMB's trust ratio,
+    LARS's norms): one extra read-only pass.
+
+    * ``stats``: a ``@triton.jit`` function bound like a rule (``param``, ``grad``, state
+      buffers, scalars, flags; the state as it is *before* the step) that returns the
+      ``count`` per-element quantities to sum over each tensor (one value when ``count`` is
+      1, else a tuple);
+    * ``finish(sums, params, tensor_state, hp, step)``: from the sums (an fp32 ``(n, count)``
+      tensor, one row per tensor of the bucket) the per-tensor scalars the rule reads, as an
+      ``(n, len(outputs))`` tensor, with torch operations on the device (no host
+      synchronisation); it may update ``tensor_state`` (name -> list of 0-d state tensors,
+      e.g. NovoGrad's per-tensor second moment) in place. Write it with the same helpers as
+      the Python rule, so the two cannot drift apart;
+    * ``outputs``: the names under which the rule receives those scalars.
+    """
+
+    stats: Any
+    finish: FinishFn
+    outputs: tuple[str, ...]
+    count: int
+    tensor_state: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -49,6 +77,7 @@ class FusedRule:
     flags: FlagFn | None = None
     optimizers: tuple[type, ...] = field(default=())
     supports: SupportsFn | None = None
+    reduction: Reduction | None = None
 
     @property
     def name(self) -> str:
@@ -67,6 +96,7 @@ def register_fused(
     scalars: ScalarFn | None = None,
     flags: FlagFn | None = None,
     supports: SupportsFn | None = None,
+    reduction: Reduction | None = None,
 ) -> FusedRule:
     """Register ``rule`` (a ``@triton.jit`` function) as the fused kernel of ``optimizers``.
 
@@ -82,10 +112,12 @@ def register_fused(
         supports: ``hp -> bool``: whether the rule covers a group with these
             hyperparameters; a group it declines runs the class's foreach rule (prepared as
             the engine prepares it) on the same tensors.
+        reduction: per-tensor sums computed in one extra read-only pass before the rule
+            (:class:`Reduction`).
     """
     if not optimizers:
         raise ValueError("register_fused needs at least one optimizer class")
-    record = FusedRule(rule, tuple(state), scalars, flags, tuple(optimizers), supports)
+    record = FusedRule(rule, tuple(state), scalars, flags, tuple(optimizers), supports, reduction)
     for cls in optimizers:
         if cls in _RULES:
             raise ValueError(f"{cls.__name__} already has a fused rule ({_RULES[cls].name})")

@@ -153,6 +153,7 @@ class LAMB(Optimizer):
         "maximize": MAXIMIZE,
     }
     weight_decay_mode = None  # decoupled, inside the trust ratio
+    impls = ("reference", "foreach", "fused")
 
     @classmethod
     def state_buffers(cls, hp: Mapping[str, Any]) -> tuple[str, ...]:
@@ -246,6 +247,7 @@ class LARS(Optimizer):
 
     hyperparams = _lars_hyperparams()
     weight_decay_mode = None  # coupled, but the ratio needs the gradient norm without it
+    impls = ("reference", "foreach", "fused")
 
     @classmethod
     def state_buffers(cls, hp: Mapping[str, Any]) -> tuple[str, ...]:
@@ -574,6 +576,7 @@ class NovoGrad(Optimizer):
         "maximize": MAXIMIZE,
     }
     weight_decay_mode = None  # added to the normalised gradient, see update
+    impls = ("reference", "foreach", "fused")
 
     @classmethod
     def state_buffers(cls, hp: Mapping[str, Any]) -> tuple[str, ...]:

@@ -78,6 +78,20 @@ CASES = {
         {"reset_interval": 4, "warmup_steps": 2, "clip_delay": 1, "threshold": 2.0},
         {"weight_decay": 0.1, "maximize": True, "clip_delay": 0, "reset_interval": 0},
     ],
+    "LAMB": [
+        {},
+        {"bias_correction": False, "grad_averaging": False, "weight_decay": 0.0},
+        {"exclude_from_layer_adaptation": True, "maximize": True, "betas": (0.8, 0.9)},
+    ],
+    "LARS": [
+        {},
+        {"exclude_from_layer_adaptation": True, "weight_decay": 0.0, "eps": 0.0},
+        {"momentum": 0.5, "trust_coefficient": 0.02, "maximize": True},
+    ],
+    "NovoGrad": [
+        {},
+        {"grad_averaging": True, "weight_decay": 0.01, "maximize": True},
+    ],
     "CoRe": [
         {},
         {"betas": (0.7, 0.8, 5.0, -1.0), "weight_decay": 0.0, "maximize": True},
