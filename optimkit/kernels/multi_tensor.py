@@ -27,6 +27,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import linecache
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,7 @@ from torch import Tensor
 
 from optimkit.engine import TensorList
 from optimkit.kernels import config, interpreting
-from optimkit.kernels.registry import FusedRule, rule_for
+from optimkit.kernels.registry import FusedRule, ReductionInputs, rule_for
 
 __all__ = ["launch", "kernel_for", "supported_dtypes", "compiled_variants"]
 
@@ -283,7 +284,8 @@ def _generate(record: FusedRule, present: tuple[str, ...]) -> str:
 def _generate_stats(record: FusedRule, present: tuple[str, ...]) -> str:
     """The source of the reduction pass of ``record`` with the state buffers ``present``."""
     sig = _signature(record, stats=True)
-    count = record.reduction.count
+    reduction = record.reduction
+    count = reduction.count
     upper = {name: name.upper() for name in record.state}
     used = [name for name in present if name in sig.states]
     state_ptrs = "\n".join(
@@ -297,10 +299,7 @@ def _generate_stats(record: FusedRule, present: tuple[str, ...]) -> str:
     def body(masked: bool) -> str:
         m = ", mask=_mask" if masked else ""
         loads = "\n".join(f"{n} = tl.load(_{n}_ptr + _idx{m}).to(tl.float32)" for n in used)
-        accumulate = "\n".join(
-            f"_acc{k} += tl.where(_mask, _v{k}, 0.0)" if masked else f"_acc{k} += _v{k}"
-            for k in range(count)
-        )
+        accumulate = "\n".join(_accumulate(k, reduction.kind(k), masked) for k in range(count))
         text = _STATS_BODY.format(
             m=m, state_loads=loads, results=results, arguments=arguments, accumulate=accumulate
         )
@@ -313,15 +312,30 @@ def _generate_stats(record: FusedRule, present: tuple[str, ...]) -> str:
         flags="".join(f" {n}: tl.constexpr," for n in sig.flags),
         state_ptrs=state_ptrs,
         acc_init="\n".join(
-            f"    _acc{k} = tl.zeros([_BLOCK], dtype=tl.float32)" for k in range(count)
+            f"    _acc{k} = tl.zeros([_BLOCK], dtype=tl.float32)"
+            + (" - float('inf')" if reduction.kind(k) == "max" else "")
+            for k in range(count)
         ),
         body=body(False),
         masked_body=body(True),
         acc_store="\n".join(
-            f"    tl.store(_partials + _pid * {count} + {k}, tl.sum(_acc{k}, axis=0))"
+            f"    tl.store(_partials + _pid * {count} + {k}, "
+            f"tl.{'max' if reduction.kind(k) == 'max' else 'sum'}(_acc{k}, axis=0))"
             for k in range(count)
         ),
     )
+
+
+def _accumulate(k: int, kind: str, masked: bool) -> str:
+    """The line adding block values ``_v{k}`` into accumulator ``_acc{k}``."""
+    value = f"_v{k}"
+    if kind == "max":
+        if masked:
+            value = f"tl.where(_mask, {value}, -float('inf'))"
+        return f"_acc{k} = tl.maximum(_acc{k}, {value})"
+    if masked:
+        value = f"tl.where(_mask, {value}, 0.0)"
+    return f"_acc{k} += {value}"
 
 
 def kernel_for(record: FusedRule, present: tuple[str, ...], stats: bool = False) -> Any:
@@ -613,7 +627,18 @@ def _launch_one(
     extra: dict[str, Any] = {}
     if record.reduction is not None:
         extra["_tscalars"] = _per_tensor_scalars(
-            record, present, params, states, step, hp, plan, scale_arg, common, geometry
+            record,
+            present,
+            params,
+            grads,
+            grad_scale,
+            states,
+            step,
+            hp,
+            plan,
+            scale_arg,
+            common,
+            geometry,
         )
     args = dict(
         **common,
@@ -636,6 +661,8 @@ def _per_tensor_scalars(
     record: FusedRule,
     present: tuple[str, ...],
     params: list[Tensor],
+    grads: list[Tensor],
+    grad_scale: Tensor | None,
     states: dict[str, list[Tensor]],
     step: int,
     hp: Mapping[str, Any],
@@ -648,20 +675,37 @@ def _per_tensor_scalars(
     summed per tensor on the device, then ``finish`` -> an ``(n, outputs)`` fp32 table."""
     reduction = record.reduction
     device = params[0].device
-    kernel = kernel_for(record, present, stats=True)
-    scalars, flags = _binding(record, hp, step, stats=True)
-    partials = torch.empty((plan.n_chunks, reduction.count), device=device, dtype=torch.float32)
-    run = kernel[(plan.n_chunks,)]
-    args = dict(**common, _partials=partials, **scalars, **geometry, **flags)
-    num_warps = int(config["num_warps"])
-    if device.type == "cuda" and device.index != torch.cuda.current_device():
-        with torch.cuda.device(device):
+    sums = None
+    if reduction.count:
+        kernel = kernel_for(record, present, stats=True)
+        scalars, flags = _binding(record, hp, step, stats=True)
+        shape = (plan.n_chunks, reduction.count)
+        partials = torch.empty(shape, device=device, dtype=torch.float32)
+        run = kernel[(plan.n_chunks,)]
+        args = dict(**common, _partials=partials, **scalars, **geometry, **flags)
+        num_warps = int(config["num_warps"])
+        if device.type == "cuda" and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):
+                run(
+                    plan.table, plan.grad_table, plan.chunks, scale_arg, **args, num_warps=num_warps
+                )
+        else:
             run(plan.table, plan.grad_table, plan.chunks, scale_arg, **args, num_warps=num_warps)
-    else:
-        run(plan.table, plan.grad_table, plan.chunks, scale_arg, **args, num_warps=num_warps)
-    owner = plan.chunks.view(-1, 2)[:, 0]  # the tensor of each chunk
-    sums = torch.zeros((len(params), reduction.count), device=device, dtype=torch.float32)
-    sums.index_add_(0, owner, partials)
-    tensor_state = {name: states[name] for name in reduction.tensor_state}
-    table = reduction.finish(sums, params, tensor_state, hp, step)
+        owner = plan.chunks.view(-1, 2)[:, 0]  # the tensor of each chunk
+        sums = torch.zeros((len(params), reduction.count), device=device, dtype=torch.float32)
+        for k in range(reduction.count):
+            if reduction.kind(k) == "max":
+                sums[:, k] = -math.inf
+                sums[:, k].scatter_reduce_(0, owner, partials[:, k], "amax")
+            else:
+                sums[:, k].index_add_(0, owner, partials[:, k])
+    inputs = ReductionInputs(
+        params=params,
+        grads=grads,
+        tensor_state={name: states[name] for name in reduction.tensor_state},
+        hp=hp,
+        step=step,
+        grad_scale=grad_scale,
+    )
+    table = reduction.finish(sums, inputs)
     return table.to(device=device, dtype=torch.float32).contiguous()

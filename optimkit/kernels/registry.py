@@ -32,7 +32,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FusedRule", "Reduction", "register_fused", "rule_for", "registered", "load_rules"]
+__all__ = [
+    "FusedRule",
+    "Reduction",
+    "ReductionInputs",
+    "register_fused",
+    "rule_for",
+    "registered",
+    "load_rules",
+]
 
 ScalarFn = Callable[[Mapping[str, Any], int], Mapping[str, float]]
 FlagFn = Callable[[Mapping[str, Any]], Mapping[str, Any]]
@@ -43,20 +51,35 @@ FinishFn = Callable[..., Any]
 
 
 @dataclass(frozen=True)
+class ReductionInputs:
+    """What ``Reduction.finish`` may use besides the sums: the bucket's tensors (gradients as
+    ``p.grad`` holds them: not yet unscaled by ``grad_scale`` nor negated for ``maximize``),
+    its 0-d per-tensor state entries, the group's hyperparameters and the step."""
+
+    params: list[Any]
+    grads: list[Any]
+    tensor_state: dict[str, list[Any]]
+    hp: Mapping[str, Any]
+    step: int
+    grad_scale: Any = None
+
+
+@dataclass(frozen=True)
 class Reduction:
     """Per-tensor reductions a rule needs before its elementwise pass (LAMB's trust ratio,
     LARS's norms): one extra read-only pass.
 
     * ``stats``: a ``@triton.jit`` function bound like a rule (``param``, ``grad``, state
       buffers, scalars, flags; the state as it is *before* the step) that returns the
-      ``count`` per-element quantities to sum over each tensor (one value when ``count`` is
-      1, else a tuple);
-    * ``finish(sums, params, tensor_state, hp, step)``: from the sums (an fp32 ``(n, count)``
-      tensor, one row per tensor of the bucket) the per-tensor scalars the rule reads, as an
-      ``(n, len(outputs))`` tensor, with torch operations on the device (no host
-      synchronisation); it may update ``tensor_state`` (name -> list of 0-d state tensors,
-      e.g. NovoGrad's per-tensor second moment) in place. Write it with the same helpers as
-      the Python rule, so the two cannot drift apart;
+      ``count`` per-element quantities to reduce over each tensor (one value when ``count``
+      is 1, else a tuple); ``kinds`` says for each whether it is summed (``"sum"``) or its
+      maximum taken (``"max"``). With ``count`` 0 there is no extra pass (``stats`` None);
+    * ``finish(sums, inputs)``: from the reductions (an fp32 ``(n, count)`` tensor, one row
+      per tensor of the bucket; None when ``count`` is 0) and :class:`ReductionInputs`, the
+      per-tensor scalars the rule reads, as an ``(n, len(outputs))`` tensor, with torch
+      operations on the device (no host synchronisation); it may update ``tensor_state``
+      (name -> list of 0-d state tensors, e.g. NovoGrad's per-tensor second moment) in place.
+      Write it with the same helpers as the Python rule, so the two cannot drift apart;
     * ``outputs``: the names under which the rule receives those scalars.
     """
 
@@ -65,6 +88,11 @@ class Reduction:
     outputs: tuple[str, ...]
     count: int
     tensor_state: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()
+
+    def kind(self, k: int) -> str:
+        """``"sum"`` or ``"max"``: how quantity ``k`` is reduced."""
+        return self.kinds[k] if self.kinds else "sum"
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,7 @@ class Gravity(Optimizer):
         "maximize": MAXIMIZE,
     }
     weight_decay_mode = "coupled"
+    impls = ("reference", "foreach", "fused")
 
     def check_combination(self, hp: Mapping[str, Any]) -> None:
         lr = hp.get("lr", 0.1)

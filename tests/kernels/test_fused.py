@@ -92,6 +92,12 @@ CASES = {
         {},
         {"grad_averaging": True, "weight_decay": 0.01, "maximize": True},
     ],
+    "Gravity": [{}, {"alpha": 0.0, "beta": 0.5, "weight_decay": 0.1, "maximize": True}],
+    "SGDSaI": [
+        {},
+        {"momentum": 0.0, "weight_decay": 0.1, "eps": 0.5},
+        {"weight_decay": 0.01, "maximize": True},
+    ],
     "CoRe": [
         {},
         {"betas": (0.7, 0.8, 5.0, -1.0), "weight_decay": 0.0, "maximize": True},

@@ -133,10 +133,11 @@ def _norms(sums):
     return sums.sqrt().unbind(1)
 
 
-def _lamb_finish(sums, params, tensor_state, hp, step):
+def _lamb_finish(sums, inputs):
+    hp = inputs.hp
     weight_norm, update_norm = _norms(sums)
     ratio = _guarded(weight_norm / update_norm, weight_norm, update_norm)
-    ratio = _keep_excluded(ratio, TensorList(params), hp["exclude_from_layer_adaptation"])
+    ratio = _keep_excluded(ratio, TensorList(inputs.params), hp["exclude_from_layer_adaptation"])
     return ratio.unsqueeze(1)
 
 
@@ -162,12 +163,13 @@ def lars(param, grad, momentum_buffer, trust_ratio, lr, momentum, weight_decay):
     return param, momentum_buffer
 
 
-def _lars_finish(sums, params, tensor_state, hp, step):
+def _lars_finish(sums, inputs):
+    hp = inputs.hp
     weight_norm, grad_norm = _norms(sums)
     coefficient = hp["trust_coefficient"]
     ratio = coefficient * weight_norm / (grad_norm + hp["weight_decay"] * weight_norm + hp["eps"])
     ratio = _guarded(ratio, weight_norm, grad_norm)
-    ratio = _keep_excluded(ratio, TensorList(params), hp["exclude_from_layer_adaptation"])
+    ratio = _keep_excluded(ratio, TensorList(inputs.params), hp["exclude_from_layer_adaptation"])
     return ratio.unsqueeze(1)
 
 
@@ -193,10 +195,11 @@ def novograd(param, grad, exp_avg, denom, lr, beta1, one_minus_beta1, weight_dec
     return param, exp_avg
 
 
-def _novograd_finish(sums, params, tensor_state, hp, step):
+def _novograd_finish(sums, inputs):
     """The per-tensor second moment (``exp_avg_sq``, 0-d state, updated in place as the
     Python rule does) and the denominator ``sqrt(v) + eps``."""
-    exp_avg_sq = tensor_state["exp_avg_sq"]
+    hp, step = inputs.hp, inputs.step
+    exp_avg_sq = inputs.tensor_state["exp_avg_sq"]
     beta2 = hp["betas"][1]
     grad_norm = sums[:, 0].sqrt()
     square = grad_norm * grad_norm
