@@ -690,6 +690,7 @@ class TVLARS(Optimizer):
         "maximize": MAXIMIZE,
     }
     weight_decay_mode = None  # coupled, per tensor (weight_decay_filter)
+    impls = ("reference", "foreach", "fused")
 
     @classmethod
     def state_buffers(cls, hp: Mapping[str, Any]) -> tuple[str, ...]:

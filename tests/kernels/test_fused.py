@@ -88,6 +88,11 @@ CASES = {
         {"exclude_from_layer_adaptation": True, "weight_decay": 0.0, "eps": 0.0},
         {"momentum": 0.5, "trust_coefficient": 0.02, "maximize": True},
     ],
+    "TVLARS": [
+        {},
+        {"lars_adaptation_filter": True, "delay_steps": 3, "min_scale": 0.1, "maximize": True},
+        {"norm_clip": 0.5, "weight_decay": 0.0},
+    ],
     "NovoGrad": [
         {},
         {"grad_averaging": True, "weight_decay": 0.01, "maximize": True},

@@ -23,7 +23,10 @@ from optimkit.kernels.registry import rule_for  # noqa: E402
 CASES = [
     ("SPAM", {"density": 0.5, "reset_interval": 3, "warmup_steps": 1, "clip_delay": 1}),
     ("CoRe", {"score_history": 2, "frozen": 0.25}),
+    ("TVLARS", {"weight_decay_filter": True, "weight_decay": 0.1}),
 ]
+#: the setting of each that the kernel takes (for a second param group)
+TAKEN = {"SPAM": {"density": 1.0}, "CoRe": {"score_history": 0}, "TVLARS": {"weight_decay": 0}}
 
 
 def run(name, hp, impl, mixed=False):
@@ -34,7 +37,7 @@ def run(name, hp, impl, mixed=False):
     if mixed:  # a second group the kernel does take
         dense = torch.randn(7, generator=gen).to(DEVICE).requires_grad_()
         params.append(dense)
-        groups.append({"params": [dense], "density": 1.0, "score_history": 0})
+        groups.append({"params": [dense], **TAKEN[name]})
     opt = optimkit.info(name).cls(groups, impl=impl, lr=1e-2, **hp)
     for s in range(6):
         gen = torch.Generator().manual_seed(10 + s)

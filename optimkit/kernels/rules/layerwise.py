@@ -1,10 +1,11 @@
-"""Fused rules of LAMB, LARS and NovoGrad (:mod:`optimkit.optimizers.layerwise`): per-tensor
+"""Fused rules of LAMB, LARS, TVLARS and NovoGrad (:mod:`optimkit.optimizers.layerwise`): per-tensor
 norms in one extra read-only pass (:class:`~optimkit.kernels.registry.Reduction`), then the
 elementwise pass.
 
 Bytes moved per fp32 parameter (the elementwise pass's reads and writes plus the reduction
 pass's reads): LAMB 16 + 28 = 44 (the reduction needs the updated moments, recomputed in
-registers from ``param``, ``grad`` and the old moments); LARS 8 + 20 = 28; NovoGrad 4 + 20 = 24
+registers from ``param``, ``grad`` and the old moments); LARS and TVLARS 8 + 20 = 28; NovoGrad
+4 + 20 = 24
 (the reduction reads only the gradient). The per-tensor scalars (trust ratios, NovoGrad's
 second moment) are computed by the same helpers as the Python rules.
 """
@@ -17,7 +18,14 @@ import triton.language as tl
 
 from optimkit.engine import TensorList
 from optimkit.kernels.registry import Reduction, register_fused
-from optimkit.optimizers.layerwise import LAMB, LARS, NovoGrad, _guarded, _keep_excluded
+from optimkit.optimizers.layerwise import (
+    LAMB,
+    LARS,
+    TVLARS,
+    NovoGrad,
+    _guarded,
+    _keep_excluded,
+)
 
 
 @triton.jit
@@ -224,4 +232,32 @@ register_fused(
         count=1,
         tensor_state=("exp_avg_sq",),
     ),
+)
+
+
+@triton.jit
+def tvlars_stats(param, grad, weight_decay):
+    direction = grad + weight_decay * param
+    return param * param, direction * direction
+
+
+def _tvlars_finish(sums, inputs):
+    hp = inputs.hp
+    weight_norm, direction_norm = _norms(sums)
+    clip = hp["norm_clip"]
+    weight_norm, direction_norm = weight_norm.clamp_max(clip), direction_norm.clamp_max(clip)
+    scale = hp["trust_coefficient"] * TVLARS.phi(inputs.step, hp)
+    ratio = _guarded(scale * weight_norm / direction_norm, weight_norm, direction_norm)
+    ratio = _keep_excluded(ratio, TensorList(inputs.params), hp["lars_adaptation_filter"])
+    return ratio.unsqueeze(1)
+
+
+register_fused(
+    TVLARS,
+    rule=lars,  # the same momentum step on d = g + beta w, with TVLARS's ratio
+    state=("momentum_buffer",),
+    reduction=Reduction(tvlars_stats, _tvlars_finish, outputs=("trust_ratio",), count=2),
+    # weight_decay_filter exempts 1-D tensors from decay: a per-tensor decay the reduction
+    # pass does not take; such groups run the foreach rule
+    supports=lambda hp: not (hp["weight_decay_filter"] and hp["weight_decay"] != 0),
 )
