@@ -85,6 +85,23 @@ def small_shapes(count: int = 4096, tiny: bool = False) -> list[tuple[int, ...]]
     return [(int(n),) for n in sizes]
 
 
+def fused_bytes_per_param(cls: type, hp: dict[str, Any]) -> int:
+    """Bytes per fp32 parameter a fused step of ``cls`` must move: parameter read and
+    written, gradient read, each parameter-shaped state buffer read and written, and, for a
+    rule with a reduction pass, that pass's reads (parameter, gradient and the state buffers
+    its ``stats`` takes)."""
+    from optimkit.kernels.multi_tensor import _signature
+    from optimkit.kernels.registry import rule_for
+
+    record = rule_for(cls)
+    buffers = [b for b in cls.state_buffers(hp) if record is None or b in record.state]
+    nbytes = 12 + 8 * len(buffers)
+    if record is not None and record.reduction is not None and record.reduction.count:
+        stats_states = _signature(record, stats=True).states
+        nbytes += 4 * (2 + len([b for b in buffers if b in stats_states]))
+    return nbytes
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -317,9 +334,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name in names:
             hp = OPTIMKIT.get(name, {})
             cls = optimkit.info(name).cls
-            buffers = len(cls.state_buffers({**optimkit.info(name).defaults, **hp}))
             make = (lambda c, h: lambda ps: c(ps, impl="fused", lr=1e-4, **h))(cls, hp)
-            candidates.append((f"optimkit {name}", make, 12 + 8 * buffers, 1))
+            nbytes = fused_bytes_per_param(cls, {**optimkit.info(name).defaults, **hp})
+            candidates.append((f"optimkit {name}", make, nbytes, 1))
         reference_ms = None
         for label, make, nbytes, fused in candidates:
             row = measure(label, make, params, nbytes, steps, device, copy_bw, bool(fused))

@@ -83,3 +83,15 @@ def test_bf16_parameters(name):
     for a, b in zip(fused, foreach):
         assert a.dtype == torch.bfloat16
         assert rel_err(a, b) <= 4 * 2.0**-7
+
+
+def test_roofline_bytes_count_the_reduction_pass():
+    from optimkit.kernels.bench import fused_bytes_per_param
+
+    def nbytes(name):
+        return fused_bytes_per_param(optimkit.info(name).cls, optimkit.info(name).defaults)
+
+    assert nbytes("AdamW") == 28  # p r/w, g, two moments r/w
+    assert nbytes("LAMB") == 28 + 16  # + the pass reading p, g and both moments
+    assert nbytes("NovoGrad") == 20 + 8  # 0-d second moment not counted; + p, g
+    assert nbytes("SGDSaI") == 20  # no extra pass; 0-d g-SNR not counted

@@ -1,13 +1,12 @@
-"""Fused rules of LAMB, LARS, TVLARS and NovoGrad (:mod:`optimkit.optimizers.layerwise`): per-tensor
-norms in one extra read-only pass (:class:`~optimkit.kernels.registry.Reduction`), then the
-elementwise pass.
+"""Fused rules of LAMB, LARS, TVLARS and NovoGrad (:mod:`optimkit.optimizers.layerwise`): per-
+tensor norms in one extra read-only pass (:class:`~optimkit.kernels.registry.Reduction`), then
+the elementwise pass.
 
 Bytes moved per fp32 parameter (the elementwise pass's reads and writes plus the reduction
 pass's reads): LAMB 16 + 28 = 44 (the reduction needs the updated moments, recomputed in
-registers from ``param``, ``grad`` and the old moments); LARS and TVLARS 8 + 20 = 28; NovoGrad
-4 + 20 = 24
-(the reduction reads only the gradient). The per-tensor scalars (trust ratios, NovoGrad's
-second moment) are computed by the same helpers as the Python rules.
+registers from ``param``, ``grad`` and the old moments); LARS and TVLARS 8 + 20 = 28; NovoGrad 8
++ 20 = 28 (every reduction pass reads the parameter and the gradient). The per-tensor scalars
+(trust ratios, NovoGrad's second moment) are computed by the same helpers as the Python rules.
 """
 
 import math

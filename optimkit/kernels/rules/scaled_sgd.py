@@ -1,10 +1,10 @@
 """Fused rules of Gravity (:mod:`optimkit.optimizers.gravity`) and SGD-SaI
 (:mod:`optimkit.optimizers.sgdsai`): elementwise updates scaled by one number per tensor.
 
-Gravity needs each tensor's ``max |g|`` at every step: one extra read of the gradient (a "max"
-reduction), so 4 + 16 = 20 bytes per fp32 parameter. SGD-SaI's per-tensor g-SNR is computed
-once, at the first step, by the Python rule's own helper (``_gsnr``) on the gradients, and
-read from the state afterwards: no extra pass after the first step.
+Gravity needs each tensor's ``max |g|`` at every step: one extra read-only pass (parameter and
+gradient, a "max" reduction), so 8 + 20 = 28 bytes per fp32 parameter. SGD-SaI's per-tensor
+g-SNR is computed once, at the first step, by the Python rule's own helper (``_gsnr``) on the
+gradients, and read from the state afterwards: no extra pass after the first step.
 """
 
 import torch
