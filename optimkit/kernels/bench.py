@@ -97,9 +97,23 @@ def fused_bytes_per_param(cls: type, hp: dict[str, Any]) -> int:
     buffers = [b for b in cls.state_buffers(hp) if record is None or b in record.state]
     nbytes = 12 + 8 * len(buffers)
     if record is not None and record.reduction is not None and record.reduction.count:
-        stats_states = _signature(record, stats=True).states
-        nbytes += 4 * (2 + len([b for b in buffers if b in stats_states]))
+        used = _used_arguments(record.reduction.stats)  # loads of unused ones are compiled out
+        stats_states = [s for s in _signature(record, stats=True).states if s in used]
+        reads = ["param", "grad", *(b for b in buffers if b in stats_states)]
+        nbytes += 4 * len([name for name in reads if name in used])
     return nbytes
+
+
+def _used_arguments(jitted: Any) -> set[str]:
+    """The arguments a ``@triton.jit`` function's body refers to."""
+    import inspect
+    import re
+
+    fn = getattr(jitted, "fn", jitted)
+    source = inspect.getsource(fn)
+    body = source.split(":", 1)[1] if ")" not in source else source.split(")", 1)[1]
+    names = inspect.signature(fn).parameters
+    return {n for n in names if re.search(rf"\b{n}\b", body)}
 
 
 def _sync(device: torch.device) -> None:

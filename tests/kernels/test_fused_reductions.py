@@ -93,5 +93,5 @@ def test_roofline_bytes_count_the_reduction_pass():
 
     assert nbytes("AdamW") == 28  # p r/w, g, two moments r/w
     assert nbytes("LAMB") == 28 + 16  # + the pass reading p, g and both moments
-    assert nbytes("NovoGrad") == 20 + 8  # 0-d second moment not counted; + p, g
+    assert nbytes("NovoGrad") == 20 + 4  # 0-d second moment not counted; + g (p unused)
     assert nbytes("SGDSaI") == 20  # no extra pass; 0-d g-SNR not counted

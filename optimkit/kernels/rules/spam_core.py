@@ -85,7 +85,6 @@ def core(
     exp_avg_sq,
     step_size,
     beta1,
-    one_minus_beta1,
     beta2,
     one_minus_beta2,
     eps,
@@ -100,8 +99,10 @@ def core(
 ):
     if second_moment:
         exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
-    # grad.lerp(exp_avg, beta1), weight >= 0.5: end - (end - start) * (1 - weight)
-    new_avg = exp_avg - (exp_avg - grad) * one_minus_beta1
+    # grad.lerp(exp_avg, beta1), weight >= 0.5: end - (end - start) * (1 - weight), with
+    # 1 - weight in fp32 as torch's lerp computes it: the sign of g_{t-1} g_t below is
+    # discontinuous, so the rounding of new_avg should be torch's
+    new_avg = exp_avg - (exp_avg - grad) * (1.0 - beta1)
     direction = _sign(new_avg * exp_avg)
     factor = (
         tl.maximum(direction, 0.0) * eta_plus_minus_one
@@ -126,7 +127,6 @@ def _core_scalars(hp, step):
     beta1 = beta1b + (beta1a - beta1b) * math.exp(-(((step - 1) / beta1c) ** 2))
     return {
         "beta1": beta1,
-        "one_minus_beta1": 1 - beta1,
         "beta2": beta2,
         "one_minus_beta2": 1 - beta2,
         "bias_correction1": 1 - beta1**step,
