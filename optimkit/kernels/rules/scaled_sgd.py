@@ -1,8 +1,8 @@
 """Fused rules of Gravity (:mod:`optimkit.optimizers.gravity`) and SGD-SaI
 (:mod:`optimkit.optimizers.sgdsai`): elementwise updates scaled by one number per tensor.
 
-Gravity needs each tensor's ``max |g|`` at every step: one extra read-only pass (parameter and
-gradient, a "max" reduction), so 8 + 20 = 28 bytes per fp32 parameter. SGD-SaI's per-tensor
+Gravity needs each tensor's ``max |g|`` at every step: one extra read-only pass over the
+gradient (a "max" reduction), so 4 + 20 = 24 bytes per fp32 parameter. SGD-SaI's per-tensor
 g-SNR is computed once, at the first step, by the Python rule's own helper (``_gsnr``) on the
 gradients, and read from the state afterwards: no extra pass after the first step.
 """
