@@ -513,6 +513,10 @@ def launch(
             f"{cls.__name__}(impl='fused') runs on CUDA tensors (or, for tests, on the CPU "
             f"under TRITON_INTERPRET=1); got tensors on {device}"
         )
+    if record.columns is not None and (record.supports is None or record.supports(hp)):
+        original, state = state, record.columns(state)
+    else:
+        original = state
     present = tuple(name for name in record.state if name in state)
     per_tensor = record.reduction.tensor_state if record.reduction is not None else ()
     unknown = set(state) - set(present) - set(per_tensor)
@@ -526,12 +530,12 @@ def launch(
 
     if record.supports is not None and not record.supports(hp):
         # hyperparameters the kernel does not cover (e.g. a variant with per-tensor ranking)
-        _fallback(optimizer, param, grad, dict(state), step, hp, grad_scale)
+        _fallback(optimizer, param, grad, dict(original), step, hp, grad_scale)
         return
 
     if not all(type(t) in _PLAIN for t in itertools.chain(params, grads)):
         # tensor subclasses (e.g. FSDP2's DTensor shards) have no single data pointer
-        _fallback(optimizer, param, grad, dict(state), step, hp, grad_scale)
+        _fallback(optimizer, param, grad, dict(original), step, hp, grad_scale)
         return
 
     # The usual case: one launch for the bucket. (A gradient has its parameter's dtype and
@@ -565,7 +569,7 @@ def launch(
             sub_g = [grads[i] for i in index]
             sub_s = {n: [state[n].tensors[i] for i in index] for n in names}
         if dtypes == ("fallback",):
-            views = {n: TensorList(ts) for n, ts in sub_s.items()}
+            views = {n: TensorList([original[n].tensors[i] for i in index]) for n in original}
             _fallback(optimizer, TensorList(sub_p), TensorList(sub_g), views, step, hp, grad_scale)
             continue
         _launch_one(optimizer, record, present, sub_p, sub_g, sub_s, dtypes, step, hp, grad_scale)

@@ -106,6 +106,7 @@ class FusedRule:
     optimizers: tuple[type, ...] = field(default=())
     supports: SupportsFn | None = None
     reduction: Reduction | None = None
+    columns: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
 
     @property
     def name(self) -> str:
@@ -125,6 +126,7 @@ def register_fused(
     flags: FlagFn | None = None,
     supports: SupportsFn | None = None,
     reduction: Reduction | None = None,
+    columns: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
 ) -> FusedRule:
     """Register ``rule`` (a ``@triton.jit`` function) as the fused kernel of ``optimizers``.
 
@@ -142,10 +144,15 @@ def register_fused(
             the engine prepares it) on the same tensors.
         reduction: per-tensor sums computed in one extra read-only pass before the rule
             (:class:`Reduction`).
+        columns: ``state -> state``: parameter-shaped views of state entries that are not
+            parameter-shaped themselves (e.g. the two halves of a ``(2, *shape)`` buffer),
+            under the names the rule takes; the kernel writes through the views.
     """
     if not optimizers:
         raise ValueError("register_fused needs at least one optimizer class")
-    record = FusedRule(rule, tuple(state), scalars, flags, tuple(optimizers), supports, reduction)
+    record = FusedRule(
+        rule, tuple(state), scalars, flags, tuple(optimizers), supports, reduction, columns
+    )
     for cls in optimizers:
         if cls in _RULES:
             raise ValueError(f"{cls.__name__} already has a fused rule ({_RULES[cls].name})")

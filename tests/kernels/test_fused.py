@@ -103,6 +103,10 @@ CASES = {
         {"momentum": 0.0, "weight_decay": 0.1, "eps": 0.5},
         {"weight_decay": 0.01, "maximize": True},
     ],
+    "ComplexMomentum": [
+        {},
+        {"momentum_phase": -1.0, "momentum": 0.5, "weight_decay": 0.1, "maximize": True},
+    ],
     "CoRe": [
         {},
         {"betas": (0.7, 0.8, 5.0, -1.0), "weight_decay": 0.0, "maximize": True},
