@@ -136,6 +136,7 @@ class MARS(Optimizer):
         "maximize": MAXIMIZE,
     }
     weight_decay_mode = None  # decay is part of the rule (and differs for non-matrix tensors)
+    impls = ("reference", "foreach", "fused")  # fused: the approximate variant (plain step())
     supports_complex = False
 
     def __init__(self, params: Any, lr: float | Tensor | None = None, **kwargs: Any) -> None:

@@ -107,6 +107,12 @@ CASES = {
         {},
         {"momentum_phase": -1.0, "momentum": 0.5, "weight_decay": 0.1, "maximize": True},
     ],
+    "MARS": [
+        {},
+        {"optimizer": "lion", "weight_decay": 0.1, "weight_decay_1d": 0.0, "maximize": True},
+        {"optimize_1d": True, "amsgrad": True, "gamma": 0.5},
+        {"optimizer": "lion", "optimize_1d": True, "lr_1d_factor": 0.5},
+    ],
     "CoRe": [
         {},
         {"betas": (0.7, 0.8, 5.0, -1.0), "weight_decay": 0.0, "maximize": True},

@@ -68,3 +68,24 @@ def test_declined_and_taken_groups_together(name, hp):
     reference = run(name, hp, "reference", mixed=True)
     for a, b in zip(fused, reference):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_exact_mars_with_a_closure_takes_the_foreach_rule():
+    """MARS's exact variant (step with a closure) is declined; the approximate one is fused."""
+    results = []
+    for impl in ("fused", "foreach"):
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(6, 5, generator=gen).to(DEVICE).requires_grad_()
+        target = torch.randn(6, 5, generator=gen).to(DEVICE)
+        opt = optimkit.MARS([w], impl=impl, lr=1e-2)
+
+        def closure(opt=opt, w=w, target=target):
+            opt.zero_grad()
+            loss = ((w - target) ** 2).sum()
+            loss.backward()
+            return loss
+
+        for _ in range(4):
+            opt.step(closure)
+        results.append(w.detach().clone())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)
