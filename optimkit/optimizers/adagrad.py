@@ -237,6 +237,8 @@ class AdaGradNorm(_ScalarStepSize):
         "maximize": MAXIMIZE,
     }
 
+    impls = ("reference", "foreach", "fused")
+
     def group_step(self, group, norms, hp) -> None:
         norm_sum = self.accumulator(group, hp).add_(norms.square().sum())
         hp["step_size"] = hp["lr"] / norm_sum.sqrt()

@@ -113,6 +113,7 @@ CASES = {
         {"optimize_1d": True, "amsgrad": True, "gamma": 0.5},
         {"optimizer": "lion", "optimize_1d": True, "lr_1d_factor": 0.5},
     ],
+    "AdaGradNorm": [{}, {"b0": 0.5, "weight_decay": 0.1, "maximize": True}],
     "CoRe": [
         {},
         {"betas": (0.7, 0.8, 5.0, -1.0), "weight_decay": 0.0, "maximize": True},
