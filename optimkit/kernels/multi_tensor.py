@@ -680,7 +680,7 @@ def _per_tensor_scalars(
     reduction = record.reduction
     device = params[0].device
     sums = None
-    if reduction.count:
+    if reduction.runs(hp):
         kernel = kernel_for(record, present, stats=True)
         scalars, flags = _binding(record, hp, step, stats=True)
         shape = (plan.n_chunks, reduction.count)

@@ -89,6 +89,12 @@ class Reduction:
     count: int
     tensor_state: tuple[str, ...] = ()
     kinds: tuple[str, ...] = ()
+    #: ``hp -> bool``: whether the group needs the reduction pass (else ``sums`` is None)
+    needed: SupportsFn | None = None
+
+    def runs(self, hp: Mapping[str, Any]) -> bool:
+        """Whether the extra pass runs for a group with these hyperparameters."""
+        return bool(self.count) and (self.needed is None or self.needed(hp))
 
     def kind(self, k: int) -> str:
         """``"sum"`` or ``"max"``: how quantity ``k`` is reduced."""

@@ -304,6 +304,7 @@ class ClipRAdaGradD(GroupNormOptimizer):
     }
     weight_decay_mode = None  # applied after the step, as in the authors' code
     tensorwise = True  # the "global" coefficient is computed before update, in group_step
+    impls = ("reference", "foreach", "fused")
 
     @classmethod
     def state_buffers(cls, hp: Mapping[str, Any]) -> tuple[str, ...]:

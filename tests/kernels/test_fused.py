@@ -114,6 +114,12 @@ CASES = {
         {"optimizer": "lion", "optimize_1d": True, "lr_1d_factor": 0.5},
     ],
     "AdaGradNorm": [{}, {"b0": 0.5, "weight_decay": 0.1, "maximize": True}],
+    "ClipRAdaGradD": [
+        {"max_grad_norm": 0.5},
+        {"clipping": "global", "weight_decay": 0.1, "maximize": True},
+        {"clipping": "elementwise", "max_grad_norm": 0.3, "eta": 0.5},
+        {"clipping": "none", "initial_accumulator_value": 0.0, "eps": 1e-3},
+    ],
     "CoRe": [
         {},
         {"betas": (0.7, 0.8, 5.0, -1.0), "weight_decay": 0.0, "maximize": True},
