@@ -96,9 +96,12 @@ def fused_bytes_per_param(cls: type, hp: dict[str, Any]) -> int:
     record = rule_for(cls)
     buffers = [b for b in cls.state_buffers(hp) if record is None or b in record.state]
     nbytes = 12 + 8 * len(buffers)
-    if record is not None and record.reduction is not None and record.reduction.runs(hp):
-        used = _used_arguments(record.reduction.stats)  # loads of unused ones are compiled out
-        stats_states = [s for s in _signature(record, stats=True).states if s in used]
+    chain = record.reduction.chain() if record is not None and record.reduction else []
+    for level, reduction in enumerate(chain, start=1):
+        if not reduction.runs(hp):
+            continue
+        used = _used_arguments(reduction.stats)  # loads of unused ones are compiled out
+        stats_states = [s for s in _signature(record, stats=level).states if s in used]
         reads = ["param", "grad", *(b for b in buffers if b in stats_states)]
         nbytes += 4 * len([name for name in reads if name in used])
     return nbytes

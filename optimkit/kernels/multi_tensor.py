@@ -92,7 +92,8 @@ def _to_dtype(x, DTYPE: tl.constexpr):
 # ------------------------------------------------------------------------------------------
 _TEMPLATE = """
 def {kernel}(
-    _table, _grads, _chunks, _grad_scale, _sign, _weight_decay, _decay, _seed,{tscalar_arg}{scalars}
+    _table, _grads, _chunks, _grad_scale, _sign, _weight_decay, _decay, _seed,
+   {tscalar_arg}{scalars}
     _CHUNK: tl.constexpr, _BLOCK: tl.constexpr, _COLS: tl.constexpr, _HAS_SCALE: tl.constexpr,
     _WD_MODE: tl.constexpr, _ROUNDING: tl.constexpr, _ALIGNED: tl.constexpr,
     _PARAM_T: tl.constexpr, _GRAD_T: tl.constexpr,{state_types}{flags}
@@ -123,7 +124,8 @@ def {kernel}(
 # preparation, then per-chunk sums of the quantities ``_stats`` returns.
 _STATS_TEMPLATE = """
 def {kernel}(
-    _table, _grads, _chunks, _grad_scale, _sign, _weight_decay, _decay, _partials,{scalars}
+    _table, _grads, _chunks, _grad_scale, _sign, _weight_decay, _decay, _partials,
+   {tscalar_arg}{scalars}
     _CHUNK: tl.constexpr, _BLOCK: tl.constexpr, _COLS: tl.constexpr, _HAS_SCALE: tl.constexpr,
     _WD_MODE: tl.constexpr, _ALIGNED: tl.constexpr,
     _PARAM_T: tl.constexpr, _GRAD_T: tl.constexpr,{state_types}{flags}
@@ -136,6 +138,7 @@ def {kernel}(
     _param_ptr = _tensor_ptr(_row, _start, _PARAM_T, _ALIGNED)
     _grad_ptr = _tensor_ptr(_grads + _t, _start, _GRAD_T, _ALIGNED)
 {state_ptrs}
+{tscalar_loads}
     _inv_scale = 1.0
     if _HAS_SCALE:
         _inv_scale = 1.0 / tl.load(_grad_scale).to(tl.float32)
@@ -200,14 +203,27 @@ _SIGNATURES: dict[tuple[int, bool], _Signature] = {}
 _KERNELS: dict[tuple[int, tuple[str, ...], bool], Any] = {}
 
 
-def _signature(record: FusedRule, stats: bool = False) -> _Signature:
-    """The arguments of the rule (or, with ``stats``, of its reduction's ``stats``)."""
+def _chain(record: FusedRule) -> list:
+    return record.reduction.chain() if record.reduction is not None else []
+
+
+def _outputs_before(record: FusedRule, level: int) -> tuple[str, ...]:
+    """The per-tensor scalars available at ``level``: 0 is the rule (every reduction's
+    outputs), ``k >= 1`` the k-th reduction's ``stats`` (the outputs of those before it)."""
+    chain = _chain(record)
+    before = chain if level == 0 else chain[: level - 1]
+    return tuple(name for r in before for name in r.outputs)
+
+
+def _signature(record: FusedRule, stats: int = 0) -> _Signature:
+    """The arguments of the rule (``stats`` 0) or of the ``stats`` of the reduction at that
+    position of the chain (1 for the first)."""
+    stats = int(stats)
     sig = _SIGNATURES.get((id(record), stats))
     if sig is not None:
         return sig
-    reduction = record.reduction
-    tensor_scalars = () if stats or reduction is None else reduction.outputs
-    fn = reduction.stats if stats else record.rule
+    tensor_scalars = _outputs_before(record, stats)
+    fn = _chain(record)[stats - 1].stats if stats else record.rule
     fn = getattr(fn, "fn", fn)
     params = list(inspect.signature(fn).parameters.values())
     names = tuple(p.name for p in params)
@@ -263,11 +279,8 @@ def _generate(record: FusedRule, present: tuple[str, ...]) -> str:
         )
         return _indent(text, 8)
 
-    outputs = record.reduction.outputs if record.reduction is not None else ()
-    tscalar_loads = "\n".join(
-        f"    {name} = tl.load(_tscalars + _t * {len(outputs)} + {j})"
-        for j, name in enumerate(outputs)
-    )
+    outputs = _outputs_before(record, 0)
+    tscalar_loads = _tscalar_loads(outputs)
     return _TEMPLATE.format(
         kernel=f"_fused_{record.name}",
         tscalar_arg=" _tscalars," if outputs else "",
@@ -281,11 +294,19 @@ def _generate(record: FusedRule, present: tuple[str, ...]) -> str:
     )
 
 
-def _generate_stats(record: FusedRule, present: tuple[str, ...]) -> str:
-    """The source of the reduction pass of ``record`` with the state buffers ``present``."""
-    sig = _signature(record, stats=True)
-    reduction = record.reduction
+def _tscalar_loads(names: tuple[str, ...]) -> str:
+    return "\n".join(
+        f"    {name} = tl.load(_tscalars + _t * {len(names)} + {j})" for j, name in enumerate(names)
+    )
+
+
+def _generate_stats(record: FusedRule, present: tuple[str, ...], level: int) -> str:
+    """The source of the reduction pass at ``level`` (1 for the first of the chain) of
+    ``record`` with the state buffers ``present``."""
+    sig = _signature(record, stats=level)
+    reduction = _chain(record)[level - 1]
     count = reduction.count
+    previous = _outputs_before(record, level)
     upper = {name: name.upper() for name in record.state}
     used = [name for name in present if name in sig.states]
     state_ptrs = "\n".join(
@@ -306,7 +327,9 @@ def _generate_stats(record: FusedRule, present: tuple[str, ...]) -> str:
         return _indent(text, 8)
 
     return _STATS_TEMPLATE.format(
-        kernel=f"_stats_{record.name}",
+        kernel=f"_stats{level}_{record.name}",
+        tscalar_arg=" _tscalars," if previous else "",
+        tscalar_loads=_tscalar_loads(previous),
         scalars="".join(f" {n}," for n in sig.scalars),
         state_types="".join(f" _{upper[n]}_T: tl.constexpr," for n in present),
         flags="".join(f" {n}: tl.constexpr," for n in sig.flags),
@@ -338,15 +361,16 @@ def _accumulate(k: int, kind: str, masked: bool) -> str:
     return f"_acc{k} += {value}"
 
 
-def kernel_for(record: FusedRule, present: tuple[str, ...], stats: bool = False) -> Any:
+def kernel_for(record: FusedRule, present: tuple[str, ...], stats: int = 0) -> Any:
     """The (cached) Triton kernel of ``record`` for the state buffers ``present`` (with
-    ``stats``: the kernel of its reduction pass)."""
+    ``stats`` k >= 1: the kernel of the k-th reduction pass of its chain)."""
+    stats = int(stats)
     key = (id(record), present, stats)
     kernel = _KERNELS.get(key)
     if kernel is not None:
         return kernel
-    source = _generate_stats(record, present) if stats else _generate(record, present)
-    kind = "stats" if stats else "fused"
+    source = _generate_stats(record, present, stats) if stats else _generate(record, present)
+    kind = f"stats{stats}" if stats else "fused"
     filename = f"<optimkit-{kind}-{record.name}-{'-'.join(present) or 'stateless'}>"
     # Triton reads a kernel's source through inspect, which finds it in linecache.
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
@@ -355,7 +379,7 @@ def kernel_for(record: FusedRule, present: tuple[str, ...], stats: bool = False)
         "tl": tl,
         "triton": triton,
         "_rule": record.rule,
-        "_stats": record.reduction.stats if record.reduction is not None else None,
+        "_stats": _chain(record)[stats - 1].stats if stats else None,
         "_tensor_ptr": _tensor_ptr,
         "_stochastic_bf16": _stochastic_bf16,
         "_to_dtype": _to_dtype,
@@ -448,7 +472,7 @@ def _plan(
 
 
 def _binding(
-    record: FusedRule, hp: Mapping[str, Any], step: int, stats: bool = False
+    record: FusedRule, hp: Mapping[str, Any], step: int, stats: int = 0
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Runtime scalars and compile-time flags of the rule (or of its reduction pass) for a
     group's hyperparameters."""
@@ -675,41 +699,48 @@ def _per_tensor_scalars(
     common: dict[str, Any],
     geometry: dict[str, Any],
 ) -> Tensor:
-    """The reduction pass of ``record``: per-chunk sums (one read of the tensors it needs),
-    summed per tensor on the device, then ``finish`` -> an ``(n, outputs)`` fp32 table."""
-    reduction = record.reduction
+    """The reduction passes of ``record``, in chain order: per-chunk sums (one read of what
+    ``stats`` uses), reduced per tensor on the device, then ``finish``; each pass sees the
+    per-tensor scalars of those before it. Returns the ``(n, outputs)`` fp32 table."""
     device = params[0].device
-    sums = None
-    if reduction.runs(hp):
-        kernel = kernel_for(record, present, stats=True)
-        scalars, flags = _binding(record, hp, step, stats=True)
-        shape = (plan.n_chunks, reduction.count)
-        partials = torch.empty(shape, device=device, dtype=torch.float32)
-        run = kernel[(plan.n_chunks,)]
-        args = dict(**common, _partials=partials, **scalars, **geometry, **flags)
-        num_warps = int(config["num_warps"])
-        if device.type == "cuda" and device.index != torch.cuda.current_device():
-            with torch.cuda.device(device):
-                run(
-                    plan.table, plan.grad_table, plan.chunks, scale_arg, **args, num_warps=num_warps
-                )
-        else:
+    table = torch.empty((len(params), 0), device=device, dtype=torch.float32)
+    for level, reduction in enumerate(_chain(record), start=1):
+        sums = None
+        if reduction.runs(hp):
+            kernel = kernel_for(record, present, stats=level)
+            scalars, flags = _binding(record, hp, step, stats=level)
+            shape = (plan.n_chunks, reduction.count)
+            partials = torch.empty(shape, device=device, dtype=torch.float32)
+            extra = {"_tscalars": table} if table.shape[1] else {}
+            args = dict(**common, _partials=partials, **extra, **scalars, **geometry, **flags)
+            _run(kernel, plan, scale_arg, args, device)
+            owner = plan.chunks.view(-1, 2)[:, 0]  # the tensor of each chunk
+            sums = torch.zeros((len(params), reduction.count), device=device, dtype=torch.float32)
+            for k in range(reduction.count):
+                if reduction.kind(k) == "max":
+                    sums[:, k] = -math.inf
+                    sums[:, k].scatter_reduce_(0, owner, partials[:, k], "amax")
+                else:
+                    sums[:, k].index_add_(0, owner, partials[:, k])
+        inputs = ReductionInputs(
+            params=params,
+            grads=grads,
+            tensor_state={name: states[name] for name in reduction.tensor_state},
+            hp=hp,
+            step=step,
+            grad_scale=grad_scale,
+            previous=table,
+        )
+        result = reduction.finish(sums, inputs).to(device=device, dtype=torch.float32)
+        table = torch.cat([table, result.reshape(len(params), -1)], dim=1).contiguous()
+    return table
+
+
+def _run(kernel: Any, plan: _Plan, scale_arg: Tensor, args: dict, device: torch.device) -> None:
+    run = kernel[(plan.n_chunks,)]
+    num_warps = int(config["num_warps"])
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
             run(plan.table, plan.grad_table, plan.chunks, scale_arg, **args, num_warps=num_warps)
-        owner = plan.chunks.view(-1, 2)[:, 0]  # the tensor of each chunk
-        sums = torch.zeros((len(params), reduction.count), device=device, dtype=torch.float32)
-        for k in range(reduction.count):
-            if reduction.kind(k) == "max":
-                sums[:, k] = -math.inf
-                sums[:, k].scatter_reduce_(0, owner, partials[:, k], "amax")
-            else:
-                sums[:, k].index_add_(0, owner, partials[:, k])
-    inputs = ReductionInputs(
-        params=params,
-        grads=grads,
-        tensor_state={name: states[name] for name in reduction.tensor_state},
-        hp=hp,
-        step=step,
-        grad_scale=grad_scale,
-    )
-    table = reduction.finish(sums, inputs)
-    return table.to(device=device, dtype=torch.float32).contiguous()
+    else:
+        run(plan.table, plan.grad_table, plan.chunks, scale_arg, **args, num_warps=num_warps)

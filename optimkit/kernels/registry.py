@@ -51,7 +51,7 @@ FinishFn = Callable[..., Any]
 
 
 @dataclass(frozen=True)
-class ReductionInputs:
+class ReductionInputs:  # noqa: D101 (documented below)
     """What ``Reduction.finish`` may use besides the sums: the bucket's tensors (gradients as
     ``p.grad`` holds them: not yet unscaled by ``grad_scale`` nor negated for ``maximize``),
     its 0-d per-tensor state entries, the group's hyperparameters and the step."""
@@ -62,6 +62,8 @@ class ReductionInputs:
     hp: Mapping[str, Any]
     step: int
     grad_scale: Any = None
+    #: the per-tensor scalars of the reductions before this one in a chain, ``(n, k)``
+    previous: Any = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,18 @@ class Reduction:
     kinds: tuple[str, ...] = ()
     #: ``hp -> bool``: whether the group needs the reduction pass (else ``sums`` is None)
     needed: SupportsFn | None = None
+    #: a second reduction whose ``stats`` takes this one's outputs (per-tensor scalars) as
+    #: arguments (e.g. a norm of the gradient after a clipping that needs a maximum)
+    then: Reduction | None = None
+
+    def chain(self) -> list[Reduction]:
+        """This reduction and the ones after it, in order."""
+        return [self] + (self.then.chain() if self.then is not None else [])
+
+    @property
+    def all_outputs(self) -> tuple[str, ...]:
+        """The per-tensor scalars of the whole chain, in order (what the rule may take)."""
+        return tuple(name for r in self.chain() for name in r.outputs)
 
     def runs(self, hp: Mapping[str, Any]) -> bool:
         """Whether the extra pass runs for a group with these hyperparameters."""

@@ -351,6 +351,7 @@ class StableSPAM(Optimizer):
         "maximize": MAXIMIZE,
     }
     weight_decay_mode = "decoupled"
+    impls = ("reference", "foreach", "fused")
 
     @classmethod
     def state_buffers(cls, hp: Mapping[str, Any]) -> tuple[str, ...]:

@@ -291,14 +291,44 @@ def ada_clip_many(
     dtype), with multi-tensor kernels: the per-tensor scalars are combined as one vector."""
     magnitude = torch._foreach_abs(grads)
     gmax = torch.stack(torch._foreach_max(magnitude)).to(m_max[0].dtype)
-    new_max = torch.stack(list(m_max)).mul_(theta).add_(gmax * (1 - theta))
-    torch._foreach_copy_(list(m_max), new_max.unbind())
-    m_hat = (new_max / (1 - theta**step)).unbind()
+    m_hat = ada_clip_thresholds(gmax, m_max, step, theta).unbind()
     clipped = torch._foreach_div(grads, gmax.unbind())
     torch._foreach_mul_(clipped, m_hat)
     for g, mag, c, threshold in zip(grads, magnitude, clipped, m_hat):
         torch.where(mag > threshold, c, g, out=c)
     return _cast(clipped, grads)
+
+
+def ada_clip_thresholds(gmax: Tensor, m_max: Sequence[Tensor], step: int, theta: float) -> Tensor:
+    r"""AdaClip's per-tensor part: from each tensor's ``max |g|`` (a vector), update the 0-d
+    statistics ``m_max`` in place and return the thresholds :math:`\hat m_t` (a vector)."""
+    new_max = torch.stack(list(m_max)).mul_(theta).add_(gmax * (1 - theta))
+    torch._foreach_copy_(list(m_max), new_max.unbind())
+    return new_max / (1 - theta**step)
+
+
+def ada_gn_scales(
+    norm: Tensor,
+    m_norm: Sequence[Tensor],
+    v_norm: Sequence[Tensor],
+    step: int,
+    gamma1: float,
+    gamma2: float,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """AdaGN's per-tensor part: from each tensor's gradient norm (a vector), update the 0-d
+    statistics in place and return ``(divisor, scale)`` (vectors): the gradient becomes
+    ``g / divisor * scale`` (``g`` itself for a tensor of norm 0)."""
+    m_norm, v_norm = list(m_norm), list(v_norm)
+    new_m = torch.stack(m_norm).mul_(gamma1).add_(norm * (1 - gamma1))
+    new_v = torch.stack(v_norm).mul_(gamma2).add_(norm * norm * (1 - gamma2))
+    torch._foreach_copy_(m_norm + v_norm, new_m.unbind() + new_v.unbind())
+    m_hat = new_m / (1 - gamma1**step)
+    v_hat = new_v / (1 - gamma2**step)
+    scale = m_hat / (torch.sqrt(v_hat) + eps)
+    positive = norm > 0  # else g / 1 * 1 = g
+    one = torch.ones_like(norm)
+    return torch.where(positive, norm, one), torch.where(positive, scale, one)
 
 
 def _cast(tensors: list[Tensor], like: Sequence[Tensor]) -> list[Tensor]:
@@ -346,17 +376,8 @@ def ada_gn_many(
     combined as one vector. A tensor of norm 0 (all zeros) is left as it is. New tensors, or
     with ``inplace`` ``grads`` themselves rescaled, where that rounds alike (not for 0-d
     low-precision tensors, whose quotient by a float32 statistic is promoted)."""
-    m_norm, v_norm = list(m_norm), list(v_norm)
     norm = torch.stack(torch._foreach_norm(grads, 2, dtype=m_norm[0].dtype))
-    new_m = torch.stack(m_norm).mul_(gamma1).add_(norm * (1 - gamma1))
-    new_v = torch.stack(v_norm).mul_(gamma2).add_(norm * norm * (1 - gamma2))
-    torch._foreach_copy_(m_norm + v_norm, new_m.unbind() + new_v.unbind())
-    m_hat = new_m / (1 - gamma1**step)
-    v_hat = new_v / (1 - gamma2**step)
-    scale = m_hat / (torch.sqrt(v_hat) + eps)
-    positive = norm > 0  # else g / 1 * 1 = g
-    one = torch.ones_like(norm)
-    divisor, scale = torch.where(positive, norm, one), torch.where(positive, scale, one)
+    divisor, scale = ada_gn_scales(norm, m_norm, v_norm, step, gamma1, gamma2, eps)
     if inplace and all(g.dim() > 0 or g.dtype == norm.dtype for g in grads):
         out = list(grads)
         torch._foreach_div_(out, divisor.unbind())

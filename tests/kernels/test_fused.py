@@ -120,6 +120,11 @@ CASES = {
         {"clipping": "elementwise", "max_grad_norm": 0.3, "eta": 0.5},
         {"clipping": "none", "initial_accumulator_value": 0.0, "eps": 1e-3},
     ],
+    "StableSPAM": [
+        {"reset_interval": 4},
+        {"total_steps": 10, "amsgrad": True, "weight_decay": 0.1, "maximize": True},
+        {"reset_interval": 0, "theta": 0.5, "gamma1": 0.9},
+    ],
     "CoRe": [
         {},
         {"betas": (0.7, 0.8, 5.0, -1.0), "weight_decay": 0.0, "maximize": True},

@@ -1,5 +1,11 @@
-"""Fused rules of SPAM (:mod:`optimkit.optimizers.spam`, dense momentum) and CoRe
-(:mod:`optimkit.optimizers.core`, without a score history).
+"""Fused rules of SPAM and Stable-SPAM (:mod:`optimkit.optimizers.spam`; SPAM with dense
+momentum) and CoRe (:mod:`optimkit.optimizers.core`, without a score history).
+
+Stable-SPAM needs two chained per-tensor reductions before its elementwise pass: the maximum of
+``|g|`` (AdaClip's statistic), then the norm of the clipped gradient (AdaGN's), whose clipping
+uses the first; both read only the gradient (4 + 4 + 28 = 36 bytes per fp32 parameter). Their
+per-tensor parts (``ada_clip_thresholds``, ``ada_gn_scales``) are the Python rule's own
+functions.
 
 SPAM's momentum reset, its clipping schedule and its warm-up factor depend only on the step,
 so they are decided on the host and reach the kernel as runtime scalars (no recompilation
@@ -10,12 +16,14 @@ declined (``supports``) and run the foreach rule.
 
 import math
 
+import torch
 import triton
 import triton.language as tl
 
-from optimkit.kernels.registry import register_fused
+from optimkit.kernels.registry import Reduction, register_fused
 from optimkit.optimizers.core import CoRe
-from optimkit.optimizers.spam import SPAM, spam_warmup_scale
+from optimkit.optimizers.spam import SPAM, StableSPAM, _stable_spam_steps, spam_warmup_scale
+from optimkit.transforms.clipping import ada_clip_thresholds, ada_gn_scales
 
 
 @triton.jit
@@ -145,4 +153,124 @@ register_fused(
     scalars=_core_scalars,
     flags=lambda hp: {"second_moment": hp["betas"][3] >= 0},
     supports=lambda hp: hp["score_history"] == 0,
+)
+
+
+@triton.jit
+def _ada_clip(grad, grad_max, threshold):
+    """AdaClip given the tensor's max |g| and threshold: g / max * threshold where |g| > it."""
+    return tl.where(tl.abs(grad) > threshold, tl.div_rn(grad, grad_max) * threshold, grad)
+
+
+@triton.jit
+def stable_spam_max(param, grad):
+    return tl.abs(grad)
+
+
+@triton.jit
+def stable_spam_norm(param, grad, grad_max, clip_threshold):
+    clipped = _ada_clip(grad, grad_max, clip_threshold)
+    return clipped * clipped
+
+
+@triton.jit
+def stable_spam(
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    max_exp_avg_sq,
+    grad_max,
+    clip_threshold,
+    norm_divisor,
+    norm_scale,
+    reset,
+    step_size,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    bias_correction2_sqrt,
+    amsgrad: tl.constexpr,
+):
+    grad = _ada_clip(grad, grad_max, clip_threshold)  # AdaClip
+    grad = tl.div_rn(grad, norm_divisor) * norm_scale  # AdaGN
+    exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)  # Adam (beta1 scaled on the host)
+    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
+    second_moment = exp_avg_sq
+    if amsgrad:
+        max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL)
+        second_moment = max_exp_avg_sq
+    denom = tl.sqrt_rn(second_moment) / bias_correction2_sqrt + eps
+    param = param + (-step_size) * tl.div_rn(exp_avg, denom)
+    exp_avg = tl.where(reset > 0.5, 0.0, exp_avg)  # momentum reset after the update
+    exp_avg_sq = tl.where(reset > 0.5, 0.0, exp_avg_sq)
+    return param, exp_avg, exp_avg_sq, max_exp_avg_sq
+
+
+def _stable_spam_schedule(hp, step):
+    """(AdaClip/AdaGN clock, Adam's step, cosine factor) as the Python rule computes them."""
+    interval, total = hp["reset_interval"], hp["total_steps"]
+    clock, adam_step = _stable_spam_steps(step, interval)
+    scale = 1.0
+    if total > 0:
+        eta_min = hp["eta_min"]
+        scale = eta_min + (1 - eta_min) * (1 + math.cos(math.pi * step / (total + 1))) / 2
+    return clock, adam_step, scale
+
+
+def _stable_spam_clip(maxima, inputs):
+    """AdaClip's per-tensor max |g| and threshold (``m_max`` updated in place)."""
+    clock, _, _ = _stable_spam_schedule(inputs.hp, inputs.step)
+    m_max = inputs.tensor_state["m_max"]
+    grad_max = maxima[:, 0].to(m_max[0].dtype)
+    threshold = ada_clip_thresholds(grad_max, m_max, clock, inputs.hp["theta"])
+    return torch.stack([grad_max, threshold], dim=1)
+
+
+def _stable_spam_norm(sums, inputs):
+    """AdaGN's per-tensor divisor and scale (``m_norm``, ``v_norm`` updated in place)."""
+    hp = inputs.hp
+    clock, _, scale = _stable_spam_schedule(hp, inputs.step)
+    m_norm, v_norm = inputs.tensor_state["m_norm"], inputs.tensor_state["v_norm"]
+    norm = sums[:, 0].sqrt().to(m_norm[0].dtype)
+    divisor, factor = ada_gn_scales(
+        norm, m_norm, v_norm, clock, hp["gamma1"] * scale, hp["gamma2"], hp["eps"]
+    )
+    return torch.stack([divisor, factor], dim=1)
+
+
+def _stable_spam_scalars(hp, step):
+    _, adam_step, scale = _stable_spam_schedule(hp, step)
+    beta1, beta2 = hp["betas"]
+    beta1 = beta1 * scale
+    interval = hp["reset_interval"]
+    return {
+        "reset": float(bool(interval) and step % interval == 0),
+        "step_size": hp["lr"] / (1 - beta1**adam_step),
+        "one_minus_beta1": 1 - beta1,
+        "bias_correction2_sqrt": math.sqrt(1 - beta2**adam_step),
+    }
+
+
+register_fused(
+    StableSPAM,
+    rule=stable_spam,
+    state=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+    scalars=_stable_spam_scalars,
+    reduction=Reduction(
+        stable_spam_max,
+        _stable_spam_clip,
+        outputs=("grad_max", "clip_threshold"),
+        count=1,
+        kinds=("max",),
+        tensor_state=("m_max", "m_norm", "v_norm"),
+        then=Reduction(
+            stable_spam_norm,
+            _stable_spam_norm,
+            outputs=("norm_divisor", "norm_scale"),
+            count=1,
+            tensor_state=("m_max", "m_norm", "v_norm"),
+        ),
+    ),
 )
