@@ -96,6 +96,7 @@ class SWATS(Optimizer):
         "maximize": MAXIMIZE,
     }
     weight_decay_mode = "coupled"
+    impls = ("reference", "foreach", "fused")
 
     @classmethod
     def state_buffers(cls, hp: Mapping[str, Any]) -> tuple[str, ...]:

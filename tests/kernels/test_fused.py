@@ -125,6 +125,8 @@ CASES = {
         {"total_steps": 10, "amsgrad": True, "weight_decay": 0.1, "maximize": True},
         {"reset_interval": 0, "theta": 0.5, "gamma1": 0.9},
     ],
+    # a loose switch tolerance makes tensors switch to SGD within the 8 steps
+    "SWATS": [{}, {"switch_tol": 1.0, "weight_decay": 0.1, "maximize": True}],
     "CoRe": [
         {},
         {"betas": (0.7, 0.8, 5.0, -1.0), "weight_decay": 0.0, "maximize": True},
