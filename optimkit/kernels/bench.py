@@ -92,10 +92,16 @@ def fused_bytes_per_param(cls: type, hp: dict[str, Any]) -> int:
     its ``stats`` takes)."""
     from optimkit.kernels.multi_tensor import _signature
     from optimkit.kernels.registry import rule_for
+    from optimkit.optimizers._group import GroupNormOptimizer
 
     record = rule_for(cls)
-    buffers = [b for b in cls.state_buffers(hp) if record is None or b in record.state]
+    if record is not None and record.columns is not None:  # views of the buffers
+        buffers = list(record.state)
+    else:
+        buffers = [b for b in cls.state_buffers(hp) if record is None or b in record.state]
     nbytes = 12 + 8 * len(buffers)
+    if issubclass(cls, GroupNormOptimizer) and cls.needs_group_norms(hp):
+        nbytes += 4  # the engine's pass over the gradients for the group's norms
     chain = record.reduction.chain() if record is not None and record.reduction else []
     for level, reduction in enumerate(chain, start=1):
         if not reduction.runs(hp):

@@ -39,6 +39,12 @@ class GroupNormOptimizer(Optimizer):
         float32). Values put in ``hp`` reach :meth:`update`."""
         raise NotImplementedError
 
+    @classmethod
+    def needs_group_norms(cls, hp: Mapping[str, Any]) -> bool:
+        """Whether a group with these hyperparameters computes the group norms (one read of
+        every gradient before the update)."""
+        return True
+
     def group_state(self, group: Mapping[str, Any]) -> dict[str, Any]:
         """The state that holds group-level quantities: that of the group's first parameter."""
         return self.state[group["params"][0]]
@@ -53,7 +59,7 @@ class GroupNormOptimizer(Optimizer):
         # The engine passes this same ``hp`` on to ``update`` for every tensor of the group.
         collected = super()._collect(group, hp)
         params, grads = collected[1], collected[2]
-        if params:
+        if params and self.needs_group_norms(hp):
             self.group_step(group, self._grad_norms(group, params, grads, hp), hp)
         return collected
 

@@ -318,10 +318,9 @@ class ClipRAdaGradD(GroupNormOptimizer):
             )
         return buffer
 
-    def _collect(self, group: dict[str, Any], hp: dict[str, Any]):
-        if hp["clipping"] == "global":  # needs the group's gradient norm first
-            return super()._collect(group, hp)
-        return Optimizer._collect(self, group, hp)
+    @classmethod
+    def needs_group_norms(cls, hp: Mapping[str, Any]) -> bool:
+        return hp["clipping"] == "global"  # only then the group's gradient norm comes first
 
     def group_step(self, group: dict[str, Any], norms: Tensor, hp: dict[str, Any]) -> None:
         total = norms.square().sum().sqrt()

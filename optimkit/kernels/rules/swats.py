@@ -1,14 +1,14 @@
 """Fused rule of SWATS (:mod:`optimkit.optimizers.swats`).
 
-Each tensor is in the Adam phase or, once switched, in the SGD phase; the phase is a
-per-tensor scalar, so one launch serves a bucket in both phases (the kernel computes both
-steps and keeps one) and, unlike the foreach path, nothing is read back to the host. The Adam
-phase's SGD learning-rate estimate needs :math:`p_k^\\top g_k` and :math:`p_k^\\top p_k` of
-this step's Adam step :math:`p_k`: one extra read-only pass recomputes :math:`p_k` from the
-old moments in registers (16 bytes per fp32 parameter) and sums the two products; ``finish``
-then updates the per-tensor estimates and decides the switches exactly as the Python rule
-does, and the elementwise pass zeroes the moment of a tensor that switches. 28 + 16 = 44
-bytes per fp32 parameter.
+Each tensor is in the Adam phase or, once switched, in the SGD phase; the phase is a per-tensor
+scalar, so one launch serves a bucket in both phases (the kernel computes both steps and keeps
+one) and, unlike the foreach path, nothing is read back to the host. The Adam phase's SGD
+learning-rate estimate needs :math:`p_k^\\top g_k` and :math:`p_k^\\top p_k` of this step's Adam
+step :math:`p_k`: one extra read-only pass recomputes :math:`p_k` from the old moments in
+registers (it reads the gradient and both moments: 12 bytes per fp32 parameter) and sums the two
+products; ``finish`` then updates the per-tensor estimates and decides the switches exactly as
+the Python rule does, and the elementwise pass zeroes the moment of a tensor that switches. 28 +
+12 = 40 bytes per fp32 parameter.
 """
 
 import math
