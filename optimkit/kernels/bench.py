@@ -109,6 +109,8 @@ def fused_bytes_per_param(cls: type, hp: dict[str, Any]) -> int:
         used = _used_arguments(reduction.stats)  # loads of unused ones are compiled out
         stats_states = [s for s in _signature(record, stats=level).states if s in used]
         reads = ["param", "grad", *(b for b in buffers if b in stats_states)]
+        if hp.get("weight_decay", 0) != 0 and cls.weight_decay_mode in ("coupled", "hyper"):
+            used = used | {"param"}  # the coupled decay term, added before stats
         nbytes += 4 * len([name for name in reads if name in used])
     return nbytes
 

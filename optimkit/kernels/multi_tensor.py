@@ -621,7 +621,10 @@ def _launch_one(
         return
     kernel = kernel_for(record, present)
     scalars, flags = _binding(record, hp, step)
-    mode = _WD_MODES[optimizer._weight_decay_mode(hp)]
+    # no decay term at all for weight_decay 0 (as the engine's _prepare_grad): the passes
+    # then need not read the parameter for it, and an inf parameter gives no 0 * inf
+    decays = float(hp.get("weight_decay", 0.0)) != 0
+    mode = _WD_MODES[optimizer._weight_decay_mode(hp)] if decays else 0
     common = dict(
         _sign=-1.0 if hp.get("maximize", False) else 1.0,
         _weight_decay=float(hp.get("weight_decay", 0.0)),
