@@ -83,3 +83,33 @@ def test_newton_schulz_batched_equals_single_and_orthogonalises():
     u, _, vh = torch.linalg.svd(g, full_matrices=False)
     torch.testing.assert_close(exact, u @ vh, rtol=1e-8, atol=1e-8)
     assert not newton_schulz5(torch.zeros(3, 4), steps=5).isnan().any()
+
+
+def test_tf32_round_and_matmul_precision():
+    from optimkit.linalg import matmul, tf32_round
+
+    x = torch.tensor([1.0, 1.0 + 2**-11, 1.0 + 2**-10, 1.0 + 3 * 2**-11, float("inf"), -3.3])
+    # ties to even at TF32's 10-bit mantissa; inf kept
+    assert tf32_round(x).tolist() == [
+        1.0,
+        1.0,
+        1.0 + 2**-10,
+        1.0 + 2**-9,
+        float("inf"),
+        tf32_round(torch.tensor([-3.3])).item(),
+    ]
+    assert abs(tf32_round(torch.tensor([-3.3])).item() + 3.3) <= 3.3 * 2**-11
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(30, 40, generator=gen), torch.randn(40, 20, generator=gen)
+    assert torch.equal(matmul(a, b, "fp32"), a @ b)
+    assert torch.equal(matmul(a, b, "tf32"), tf32_round(a) @ tf32_round(b))
+    assert not torch.equal(matmul(a, b, "tf32"), a @ b)
+    d = a.double()
+    assert torch.equal(matmul(d, b.double(), "tf32"), d @ b.double())  # fp64 untouched
+
+
+def test_batched_qr_matches_torch():
+    from optimkit.linalg import batched_qr
+
+    stack = torch.randn(3, 6, 6, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(batched_qr(stack), torch.linalg.qr(stack)[0], rtol=0, atol=0)
