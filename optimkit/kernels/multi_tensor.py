@@ -154,7 +154,8 @@ def {kernel}(
 {acc_store}
 """
 
-_STATS_BODY = """\
+# Loads and the engine's preparation (_prepare_grad): the same in both kernels of a rule.
+_PREPARE = """\
 param = tl.load(_param_ptr + _idx{m}).to(tl.float32)
 grad = tl.load(_grad_ptr + _idx{m}).to(tl.float32)
 {state_loads}
@@ -165,27 +166,26 @@ if _WD_MODE == 1:
     grad = grad + _weight_decay * param
 if _WD_MODE == 2:
     param = param * _decay
+"""
+
+_STATS_BODY = (
+    _PREPARE
+    + """\
 {results} = _stats({arguments})
 {accumulate}
 """
+)
 
-_BODY = """\
-param = tl.load(_param_ptr + _idx{m}).to(tl.float32)
-grad = tl.load(_grad_ptr + _idx{m}).to(tl.float32)
-{state_loads}
-if _HAS_SCALE:
-    grad = grad * _inv_scale
-grad = grad * _sign
-if _WD_MODE == 1:
-    grad = grad + _weight_decay * param
-if _WD_MODE == 2:
-    param = param * _decay
+_BODY = (
+    _PREPARE
+    + """\
 {results} = _rule({arguments})
 if _ROUNDING:
     param = _stochastic_bf16(param, _seed + _t, (_start + _idx).to(tl.int32))
 tl.store(_param_ptr + _idx, _to_dtype(param, _PARAM_T){m})
 {state_stores}
 """
+)
 
 
 @dataclass(frozen=True)

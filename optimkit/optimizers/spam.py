@@ -271,6 +271,18 @@ def _mask_generator(seed: int, mask_id: int, step: int, device: torch.device) ->
     )
 
 
+def stable_spam_schedule(hp: Mapping[str, Any], step: int) -> tuple[int, int, float]:
+    """Stable-SPAM's clocks and cosine factor at engine step ``step``: (AdaClip/AdaGN clock,
+    Adam's step, the factor of gamma1 and beta1; 1 without ``total_steps``)."""
+    clock, adam_step = _stable_spam_steps(step, hp["reset_interval"])
+    scale = 1.0
+    total = hp["total_steps"]
+    if total > 0:
+        eta_min = hp["eta_min"]
+        scale = eta_min + (1 - eta_min) * (1 + math.cos(math.pi * step / (total + 1))) / 2
+    return clock, adam_step, scale
+
+
 def _stable_spam_steps(step: int, interval: int) -> tuple[int, int]:
     """(clock of AdaClip/AdaGN, clock of Adam's bias correction) at engine step ``step``,
     reproducing the authors' per-parameter counter, which a reset sets back to 1 after
@@ -388,12 +400,8 @@ class StableSPAM(Optimizer):
         step: int,
         hp: Mapping[str, Any],
     ) -> None:
-        interval, total = hp["reset_interval"], hp["total_steps"]
-        clock, adam_step = _stable_spam_steps(step, interval)
-        scale = 1.0
-        if total > 0:
-            eta_min = hp["eta_min"]
-            scale = eta_min + (1 - eta_min) * (1 + math.cos(math.pi * step / (total + 1))) / 2
+        interval = hp["reset_interval"]
+        clock, adam_step, scale = stable_spam_schedule(hp, step)
         gamma1 = hp["gamma1"] * scale
         m_max, m_norm, v_norm = (_tensors(state[k]) for k in self._SCALARS)
         clipped = ada_clip_many(_tensors(grad), m_max, clock, hp["theta"])

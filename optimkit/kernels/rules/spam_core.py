@@ -22,7 +22,7 @@ import triton.language as tl
 
 from optimkit.kernels.registry import Reduction, register_fused
 from optimkit.optimizers.core import CoRe
-from optimkit.optimizers.spam import SPAM, StableSPAM, _stable_spam_steps, spam_warmup_scale
+from optimkit.optimizers.spam import SPAM, StableSPAM, spam_warmup_scale, stable_spam_schedule
 from optimkit.transforms.clipping import ada_clip_thresholds, ada_gn_scales
 
 
@@ -208,20 +208,9 @@ def stable_spam(
     return param, exp_avg, exp_avg_sq, max_exp_avg_sq
 
 
-def _stable_spam_schedule(hp, step):
-    """(AdaClip/AdaGN clock, Adam's step, cosine factor) as the Python rule computes them."""
-    interval, total = hp["reset_interval"], hp["total_steps"]
-    clock, adam_step = _stable_spam_steps(step, interval)
-    scale = 1.0
-    if total > 0:
-        eta_min = hp["eta_min"]
-        scale = eta_min + (1 - eta_min) * (1 + math.cos(math.pi * step / (total + 1))) / 2
-    return clock, adam_step, scale
-
-
 def _stable_spam_clip(maxima, inputs):
     """AdaClip's per-tensor max |g| and threshold (``m_max`` updated in place)."""
-    clock, _, _ = _stable_spam_schedule(inputs.hp, inputs.step)
+    clock, _, _ = stable_spam_schedule(inputs.hp, inputs.step)
     m_max = inputs.tensor_state["m_max"]
     grad_max = maxima[:, 0].to(m_max[0].dtype)
     threshold = ada_clip_thresholds(grad_max, m_max, clock, inputs.hp["theta"])
@@ -231,7 +220,7 @@ def _stable_spam_clip(maxima, inputs):
 def _stable_spam_norm(sums, inputs):
     """AdaGN's per-tensor divisor and scale (``m_norm``, ``v_norm`` updated in place)."""
     hp = inputs.hp
-    clock, _, scale = _stable_spam_schedule(hp, inputs.step)
+    clock, _, scale = stable_spam_schedule(hp, inputs.step)
     m_norm, v_norm = inputs.tensor_state["m_norm"], inputs.tensor_state["v_norm"]
     norm = sums[:, 0].sqrt().to(m_norm[0].dtype)
     divisor, factor = ada_gn_scales(
@@ -241,7 +230,7 @@ def _stable_spam_norm(sums, inputs):
 
 
 def _stable_spam_scalars(hp, step):
-    _, adam_step, scale = _stable_spam_schedule(hp, step)
+    _, adam_step, scale = stable_spam_schedule(hp, step)
     beta1, beta2 = hp["betas"]
     beta1 = beta1 * scale
     interval = hp["reset_interval"]
