@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -73,6 +74,39 @@ def block_gram(block: Tensor, dim: int) -> Tensor:
     """:math:`G_{(i)} G_{(i)}^T`: ``block`` contracted with itself over all axes but ``dim``."""
     unfolded = torch.movedim(block, dim, 0).reshape(block.shape[dim], -1)
     return unfolded @ unfolded.T
+
+
+@dataclass
+class _MatrixBlocks:
+    """The blocks of one matrix parameter whose dims split evenly into blocks (the usual case:
+    2048 x 5504 in blocks of 128): its per-block statistics and roots, which stay separate
+    state entries (``stat{b}_{i}``, ``root{b}_{i}``: checkpoints are unchanged), live as
+    views of four ``(blocks, n, n)`` stacks, so every block is updated and preconditioned by
+    one batched product instead of a Python loop over blocks."""
+
+    grid: tuple[int, int]  # blocks along rows and columns
+    size: tuple[int, int]  # rows and columns of a block
+    stats: tuple[Tensor, Tensor]
+    roots: tuple[Tensor, Tensor]
+    views: tuple[Tensor, ...]  # every per-block entry, to notice one replaced from outside
+
+    def split(self, matrix: Tensor) -> Tensor:
+        """``(m, n)`` -> ``(blocks, rows, cols)`` in ``block_slices`` order (row-major)."""
+        (r, c), (bm, bn) = self.grid, self.size
+        return matrix.reshape(r, bm, c, bn).permute(0, 2, 1, 3).reshape(r * c, bm, bn)
+
+    def join(self, blocks: Tensor) -> Tensor:
+        (r, c), (bm, bn) = self.grid, self.size
+        return blocks.reshape(r, c, bm, bn).permute(0, 2, 1, 3).reshape(r * bm, c * bn)
+
+
+def _even_grid(work: tuple[int, ...], block_size: int) -> tuple[tuple, tuple] | None:
+    """(grid, block size) of a 2-D work shape that splits evenly into blocks, else None."""
+    if len(work) != 2 or any(d > block_size and d % block_size for d in work):
+        return None
+    grid = tuple(d // block_size if d > block_size else 1 for d in work)
+    size = tuple(block_size if d > block_size else d for d in work)
+    return grid, size
 
 
 def precondition_block(block: Tensor, roots: list[Tensor]) -> Tensor:
@@ -248,7 +282,8 @@ class Shampoo(Optimizer):
         """Inverse ``exponent``-th roots of a stack of same-sized statistics: ``(roots, ok)``.
         One independent problem per matrix: the seam for spreading blocks across ranks."""
         if stats.size(-1) == 1:  # the authors' ComputePower returns the identity for 1x1
-            return torch.ones_like(stats), torch.ones(stats.shape[:-2], dtype=torch.bool)
+            ok = torch.ones(stats.shape[:-2], dtype=torch.bool, device=stats.device)
+            return torch.ones_like(stats), ok
         if hp["root_method"] == "newton":
             return inverse_root_coupled_newton(stats, exponent, hp["matrix_eps"])
         return inverse_root_eigh(stats, exponent, hp["matrix_eps"])
@@ -279,24 +314,93 @@ class Shampoo(Optimizer):
             blocks = block_slices(work, hp["block_size"]) if len(work) >= 2 else []
             shaped = grad.reshape(work)
             exponent = hp["inverse_exponent_override"] or 2 * len(work)
-            for b, index in enumerate(blocks):
+            refresh = t % hp["preconditioning_compute_steps"] == 0
+            packed = self._packed(p, state, work, hp) if blocks else None
+            if packed is not None:  # every block at once
+                self.update_block_statistics_batched(packed, packed.split(shaped), hp["beta2"])
+                if refresh:
+                    for i in range(2):
+                        key = (packed.size[i], exponent)
+                        requests.setdefault(key, []).append(
+                            (state, packed.stats[i], _write_roots(packed.roots[i]))
+                        )
+            for b, index in enumerate(blocks if packed is None else []):
                 stats = [state[f"stat{b}_{i}"] for i in range(len(work))]
                 self.update_block_statistics(shaped[index], stats, hp["beta2"])
-                if t % hp["preconditioning_compute_steps"] == 0:
+                if refresh:
                     for i, s in enumerate(index):
                         key = (s.stop - s.start, exponent)
-                        requests.setdefault(key, []).append((state, f"stat{b}_{i}", f"root{b}_{i}"))
-            items.append((p, grad, state, t, work, blocks))
+                        requests.setdefault(key, []).append(
+                            (
+                                state,
+                                state[f"stat{b}_{i}"][None],
+                                _write_roots(state[f"root{b}_{i}"][None]),
+                            )
+                        )
+            items.append((p, grad, state, t, work, blocks, packed))
         for (_, exponent), entries in requests.items():
-            stack = torch.stack([state[stat] for state, stat, _ in entries])
+            stack = torch.cat([stats for _, stats, _ in entries])
             roots, ok = self.compute_block_roots(stack, exponent, hp)
-            for (state, _, root), good, new in zip(entries, ok.tolist(), roots):
-                if good:
-                    state[root] = new.clone()
-                else:
+            start, failed = 0, []
+            for _, stats, write in entries:
+                count = len(stats)
+                good = ok[start : start + count]
+                write(roots[start : start + count], good)
+                failed.append(count - good.sum())
+                start += count
+            for (state, _, _), failures in zip(entries, torch.stack(failed).tolist()):
+                for _ in range(int(failures)):  # one read-back per block size
                     self._record_failure(state)
-        for p, grad, state, t, work, blocks in items:
-            self._apply(p, grad, state, t, work, blocks, hp)
+        for p, grad, state, t, work, blocks, packed in items:
+            self._apply(p, grad, state, t, work, blocks, hp, packed)
+
+    def update_block_statistics_batched(
+        self, packed: _MatrixBlocks, blocks: Tensor, beta2: float
+    ) -> None:
+        """:meth:`update_block_statistics` for every block of a matrix at once (batched
+        ``G G^T`` and ``G^T G``)."""
+        weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
+        packed.stats[0].mul_(beta2).add_(blocks @ blocks.transpose(1, 2), alpha=weight)
+        packed.stats[1].mul_(beta2).add_(blocks.transpose(1, 2) @ blocks, alpha=weight)
+
+    def _packed(
+        self, p: Tensor, state: dict, work: tuple[int, ...], hp: Mapping
+    ) -> _MatrixBlocks | None:
+        """The stacked layout of ``p``'s blocks (built, or rebuilt from the per-block entries
+        when one of them was replaced, e.g. by a loaded checkpoint), or None when the blocks
+        are not all of one size."""
+        layout = _even_grid(work, hp["block_size"])
+        if layout is None:
+            return None
+        grid, size = layout
+        count = grid[0] * grid[1]
+        keys = [
+            f"{kind}{b}_{i}" for kind in ("stat", "root") for i in range(2) for b in range(count)
+        ]
+        cache = self.__dict__.setdefault("_shampoo_blocks", {})
+        packed = cache.get(id(p))
+        if (
+            packed is not None
+            and (packed.grid, packed.size) == (grid, size)
+            and all(state.get(k) is v for k, v in zip(keys, packed.views))
+        ):
+            return packed
+        stacks = [
+            torch.stack([state[f"{kind}{b}_{i}"] for b in range(count)])
+            for kind in ("stat", "root")
+            for i in range(2)
+        ]
+        views = []
+        for stack, kind, i in zip(stacks, ("stat", "stat", "root", "root"), (0, 1, 0, 1)):
+            for b in range(count):
+                state[f"{kind}{b}_{i}"] = stack[b]
+                views.append(stack[b])
+        # order the views as ``keys`` does (stat i=0, stat i=1, root i=0, root i=1)
+        packed = _MatrixBlocks(
+            grid, size, (stacks[0], stacks[1]), (stacks[2], stacks[3]), tuple(views)
+        )
+        cache[id(p)] = packed
+        return packed
 
     def _record_failure(self, state: dict) -> None:
         state["root_failures"] = state.get("root_failures", 0) + 1
@@ -317,10 +421,15 @@ class Shampoo(Optimizer):
             return grad / (v_hat.sqrt() + hp["diagonal_eps"])
         return grad
 
-    def _apply(self, p, grad, state, t, work, blocks, hp) -> None:
+    def _apply(self, p, grad, state, t, work, blocks, hp, packed=None) -> None:
         graft = self._graft_direction(grad, state, t, hp)
         if t >= hp["start_preconditioning_step"]:
-            if blocks:
+            if packed is not None:  # L^T G R for every block at once (precondition_block)
+                split = packed.split(grad.reshape(work))
+                left, right = packed.roots
+                out = left.transpose(1, 2) @ split @ right
+                direction = packed.join(out).reshape(grad.shape)
+            elif blocks:
                 shaped = grad.reshape(work)
                 direction = torch.empty_like(shaped)
                 for b, index in enumerate(blocks):
@@ -345,3 +454,13 @@ class Shampoo(Optimizer):
         work_p.add_(update, alpha=-hp["lr"])
         if work_p is not p:
             p.copy_(work_p)
+
+
+def _write_roots(target: Tensor) -> Callable[[Tensor, Tensor], None]:
+    """Store new roots into ``target`` (a stack, or a one-block view) where ``ok``, keeping
+    the previous root of a block whose computation failed; in place, so stacked views stay."""
+
+    def write(roots: Tensor, ok: Tensor) -> None:
+        target.copy_(torch.where(ok[:, None, None], roots.to(target.dtype), target))
+
+    return write

@@ -311,3 +311,47 @@ def test_bf16_params_fp32_statistics():
     assert opt.state[p]["stat0_0"].dtype == torch.float32
     opt.load_state_dict(opt.state_dict())
     assert opt.state[p]["root0_1"].dtype == torch.float32 and p.dtype == torch.bfloat16
+
+
+def test_evenly_split_matrices_are_batched_and_resume_from_checkpoints():
+    """A matrix whose dims split evenly into blocks keeps its per-block entries as views of
+    stacked tensors (one batched product per step instead of a loop over blocks); the
+    checkpoint format is unchanged, a loaded one resumes identically, and a failed block root
+    keeps its previous value."""
+    import copy
+
+    w = torch.randn(8, 12, dtype=torch.float64, requires_grad=True)
+    opt = Shampoo([w], lr=0.05, block_size=4, graft="adagrad")
+    twin_w = w.detach().clone().requires_grad_()
+    looped = Shampoo([twin_w], lr=0.05, block_size=4, graft="adagrad")
+    looped._packed = lambda *args: None  # the per-block loop, for comparison
+    for t in range(3):
+        g = grads_for(t, [(8, 12)], torch.float64)[0]
+        w.grad, twin_w.grad = g.clone(), g.clone()
+        opt.step()
+        looped.step()
+    state = opt.state[w]
+    assert sorted(k for k in state if k.startswith("stat")) == sorted(
+        f"stat{b}_{i}" for b in range(6) for i in range(2)
+    )
+    storages = {state[f"stat{b}_0"].untyped_storage().data_ptr() for b in range(6)}
+    assert len(storages) == 1  # views of one stack
+    torch.testing.assert_close(w, twin_w, rtol=1e-12, atol=1e-12)
+
+    loaded_w = w.detach().clone().requires_grad_()
+    loaded = Shampoo([loaded_w], lr=0.05, block_size=4, graft="adagrad")
+    loaded.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for t in range(3, 6):
+        g = grads_for(t, [(8, 12)], torch.float64)[0]
+        w.grad, loaded_w.grad = g.clone(), g.clone()
+        opt.step()
+        loaded.step()
+    assert torch.equal(w, loaded_w)
+
+    before = state["root2_0"].clone()
+    state["stat2_0"][0, 0] = float("inf")
+    w.grad = grads_for(7, [(8, 12)], torch.float64)[0]
+    with pytest.warns(RuntimeWarning, match="previous root"):
+        opt.step()  # roots are refreshed at every step (the default frequency, 1)
+    assert torch.equal(state["root2_0"], before)
+    assert state["root_failures"] == 1
