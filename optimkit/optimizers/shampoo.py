@@ -12,6 +12,7 @@ import itertools
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from operator import is_
 from typing import Any
 
 import torch
@@ -89,6 +90,7 @@ class _MatrixBlocks:
     stats: tuple[Tensor, Tensor]
     roots: tuple[Tensor, Tensor]
     views: tuple[Tensor, ...]  # every per-block entry, to notice one replaced from outside
+    keys: tuple[str, ...]  # their state keys, in the same order
 
     def split(self, matrix: Tensor) -> Tensor:
         """``(m, n)`` -> ``(blocks, rows, cols)`` in ``block_slices`` order (row-major)."""
@@ -311,11 +313,14 @@ class Shampoo(Optimizer):
             elif hp["graft"] == "adam":
                 beta = hp["graft_beta2"]
                 state["graft_exp_avg_sq"].mul_(beta).addcmul_(grad, grad, value=1 - beta)
-            blocks = block_slices(work, hp["block_size"]) if len(work) >= 2 else []
+            packed = self._packed(p, state, work, hp) if len(work) >= 2 else None
+            if packed is None and len(work) >= 2:
+                blocks = block_slices(work, hp["block_size"])
+            else:
+                blocks = []  # no blocks, or all of them at once (packed)
             shaped = grad.reshape(work)
             exponent = hp["inverse_exponent_override"] or 2 * len(work)
             refresh = t % hp["preconditioning_compute_steps"] == 0
-            packed = self._packed(p, state, work, hp) if blocks else None
             if packed is not None:  # every block at once
                 self.update_block_statistics_batched(packed, packed.split(shaped), hp["beta2"])
                 if refresh:
@@ -324,7 +329,7 @@ class Shampoo(Optimizer):
                         requests.setdefault(key, []).append(
                             (state, packed.stats[i], _write_roots(packed.roots[i]))
                         )
-            for b, index in enumerate(blocks if packed is None else []):
+            for b, index in enumerate(blocks):
                 stats = [state[f"stat{b}_{i}"] for i in range(len(work))]
                 self.update_block_statistics(shaped[index], stats, hp["beta2"])
                 if refresh:
@@ -374,17 +379,17 @@ class Shampoo(Optimizer):
             return None
         grid, size = layout
         count = grid[0] * grid[1]
-        keys = [
-            f"{kind}{b}_{i}" for kind in ("stat", "root") for i in range(2) for b in range(count)
-        ]
         cache = self.__dict__.setdefault("_shampoo_blocks", {})
         packed = cache.get(id(p))
         if (
             packed is not None
             and (packed.grid, packed.size) == (grid, size)
-            and all(state.get(k) is v for k, v in zip(keys, packed.views))
+            and all(map(is_, map(state.get, packed.keys), packed.views))
         ):
             return packed
+        keys = [
+            f"{kind}{b}_{i}" for kind in ("stat", "root") for i in range(2) for b in range(count)
+        ]
         stacks = [
             torch.stack([state[f"{kind}{b}_{i}"] for b in range(count)])
             for kind in ("stat", "root")
@@ -393,12 +398,12 @@ class Shampoo(Optimizer):
         views = []
         for stack, kind, i in zip(stacks, ("stat", "stat", "root", "root"), (0, 1, 0, 1)):
             for b in range(count):
-                state[f"{kind}{b}_{i}"] = stack[b]
-                views.append(stack[b])
+                view = stack[b]
+                state[f"{kind}{b}_{i}"] = view
+                views.append(view)
         # order the views as ``keys`` does (stat i=0, stat i=1, root i=0, root i=1)
-        packed = _MatrixBlocks(
-            grid, size, (stacks[0], stacks[1]), (stacks[2], stacks[3]), tuple(views)
-        )
+        stats, roots = (stacks[0], stacks[1]), (stacks[2], stacks[3])
+        packed = _MatrixBlocks(grid, size, stats, roots, tuple(views), tuple(keys))
         cache[id(p)] = packed
         return packed
 
