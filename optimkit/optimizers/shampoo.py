@@ -192,6 +192,13 @@ class Shampoo(Optimizer):
     and ``root{b}_{i}`` (:math:`n_i \times n_i`). Bytes per element:
     :math:`4\,(N(1 + [\text{graft has state}]) + \sum_{blocks,i} 2 n_i^2)/N`; reported at the
     reference shapes [64x48, 48]: 20.41 for the defaults.
+
+    Speed: a matrix whose dims split evenly into blocks (e.g. 2048 x 5504 in blocks of 128)
+    keeps its per-block statistics and roots as views of stacked tensors and is updated and
+    preconditioned by batched products, the roots of every same-sized block of the group are
+    computed in one batched call; other tensors take a loop over their blocks. On a GPU,
+    ``root_method="newton"`` (the authors' iteration: batched matrix products) is far faster
+    than ``"eigh"`` (torch's batched ``eigh`` of 128 x 128 matrices runs one matrix at a time).
     """
 
     hyperparams = {
