@@ -90,44 +90,15 @@ def _to_dtype(x, DTYPE: tl.constexpr):
 # ------------------------------------------------------------------------------------------
 # kernel generation
 # ------------------------------------------------------------------------------------------
+# One template for both kernels of a rule: the update (``_seed``, optional stochastic
+# rounding) and the extra read-only pass of a rule with per-tensor reductions (``_partials``:
+# per-chunk sums or maxima of what ``_stats`` returns). Both load and prepare alike.
 _TEMPLATE = """
 def {kernel}(
-    _table, _grads, _chunks, _grad_scale, _sign, _weight_decay, _decay, _seed,
+    _table, _grads, _chunks, _grad_scale, _sign, _weight_decay, _decay, {output},
    {tscalar_arg}{scalars}
     _CHUNK: tl.constexpr, _BLOCK: tl.constexpr, _COLS: tl.constexpr, _HAS_SCALE: tl.constexpr,
-    _WD_MODE: tl.constexpr, _ROUNDING: tl.constexpr, _ALIGNED: tl.constexpr,
-    _PARAM_T: tl.constexpr, _GRAD_T: tl.constexpr,{state_types}{flags}
-):
-    _pid = tl.program_id(0)
-    _t = tl.load(_chunks + 2 * _pid)
-    _start = tl.load(_chunks + 2 * _pid + 1) * _CHUNK
-    _row = _table + _t * _COLS
-    _len = tl.minimum(tl.load(_row + _COLS - 1) - _start, _CHUNK).to(tl.int32)
-    _param_ptr = _tensor_ptr(_row, _start, _PARAM_T, _ALIGNED)
-    _grad_ptr = _tensor_ptr(_grads + _t, _start, _GRAD_T, _ALIGNED)
-{state_ptrs}
-{tscalar_loads}
-    _inv_scale = 1.0
-    if _HAS_SCALE:
-        _inv_scale = 1.0 / tl.load(_grad_scale).to(tl.float32)
-    _full = _len // _BLOCK * _BLOCK
-    for _off in range(0, _full, _BLOCK):
-        _idx = _off + tl.arange(0, _BLOCK)
-{body}
-    if _full < _len:
-        _idx = _full + tl.arange(0, _BLOCK)
-        _mask = _idx < _len
-{masked_body}
-"""
-
-# The extra read-only pass of a rule with per-tensor reductions: the same loads and
-# preparation, then per-chunk sums of the quantities ``_stats`` returns.
-_STATS_TEMPLATE = """
-def {kernel}(
-    _table, _grads, _chunks, _grad_scale, _sign, _weight_decay, _decay, _partials,
-   {tscalar_arg}{scalars}
-    _CHUNK: tl.constexpr, _BLOCK: tl.constexpr, _COLS: tl.constexpr, _HAS_SCALE: tl.constexpr,
-    _WD_MODE: tl.constexpr, _ALIGNED: tl.constexpr,
+    _WD_MODE: tl.constexpr, _ALIGNED: tl.constexpr,{rounding}
     _PARAM_T: tl.constexpr, _GRAD_T: tl.constexpr,{state_types}{flags}
 ):
     _pid = tl.program_id(0)
@@ -283,6 +254,10 @@ def _generate(record: FusedRule, present: tuple[str, ...]) -> str:
     tscalar_loads = _tscalar_loads(outputs)
     return _TEMPLATE.format(
         kernel=f"_fused_{record.name}",
+        output="_seed",
+        rounding=" _ROUNDING: tl.constexpr,",
+        acc_init="",
+        acc_store="",
         tscalar_arg=" _tscalars," if outputs else "",
         tscalar_loads=tscalar_loads,
         scalars="".join(f" {n}," for n in sig.scalars),
@@ -326,8 +301,10 @@ def _generate_stats(record: FusedRule, present: tuple[str, ...], level: int) -> 
         )
         return _indent(text, 8)
 
-    return _STATS_TEMPLATE.format(
+    return _TEMPLATE.format(
         kernel=f"_stats{level}_{record.name}",
+        output="_partials",
+        rounding="",
         tscalar_arg=" _tscalars," if previous else "",
         tscalar_loads=_tscalar_loads(previous),
         scalars="".join(f" {n}," for n in sig.scalars),

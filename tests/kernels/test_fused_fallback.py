@@ -11,9 +11,7 @@ import os
 import pytest
 import torch
 
-DEVICE = os.environ.get("OPTIMKIT_TEST_DEVICE", "cpu")
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported
+DEVICE = os.environ.get("OPTIMKIT_TEST_DEVICE", "cpu")  # the interpreter: see conftest.py
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 

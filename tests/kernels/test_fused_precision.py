@@ -13,14 +13,11 @@ import os
 import pytest
 import torch
 
-DEVICE = os.environ.get("OPTIMKIT_TEST_DEVICE", "cpu")
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported
+DEVICE = os.environ.get("OPTIMKIT_TEST_DEVICE", "cpu")  # the interpreter: see conftest.py
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
 import optimkit  # noqa: E402
-from optimkit import kernels  # noqa: E402
 
 SHAPES = [(), (7,), (5, 3), (4, 3, 3, 3)]
 STEPS = 6
@@ -28,14 +25,7 @@ BF16_ULP = 2.0**-7
 NAMES = ["AdamW", "Adan", "Lion", "SGD", "RAdam", "AdaBelief"]
 HP = {"SGD": {"momentum": 0.9}}
 
-
-@pytest.fixture(autouse=True)
-def small_chunks():
-    saved = dict(kernels.config)
-    if DEVICE == "cpu":
-        kernels.config.update(chunk=64, block=16)
-    yield
-    kernels.config.update(saved)
+pytestmark = pytest.mark.usefixtures("small_chunks")  # conftest.py
 
 
 def run(name, impl, param_dtype, state_precision):

@@ -12,14 +12,11 @@ import os
 import pytest
 import torch
 
-DEVICE = os.environ.get("OPTIMKIT_TEST_DEVICE", "cpu")
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported
+DEVICE = os.environ.get("OPTIMKIT_TEST_DEVICE", "cpu")  # the interpreter: see conftest.py
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
 import optimkit  # noqa: E402
-from optimkit import kernels  # noqa: E402
 from optimkit.kernels.registry import registered  # noqa: E402
 
 SHAPES = [(), (7,), (5, 3), (4, 3, 3, 3)]
@@ -28,14 +25,7 @@ REDUCING = sorted(cls.__name__ for cls, rule in registered().items() if rule.red
 # makes a forgotten unscaling visible
 HP = {"SGDSaI": {"eps": 1.0}}
 
-
-@pytest.fixture(autouse=True)
-def small_chunks():
-    saved = dict(kernels.config)
-    if DEVICE == "cpu":
-        kernels.config.update(chunk=64, block=16)
-    yield
-    kernels.config.update(saved)
+pytestmark = pytest.mark.usefixtures("small_chunks")  # conftest.py
 
 
 def run(name, impl, dtype=torch.float32, scale=None, steps=4):
