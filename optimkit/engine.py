@@ -632,6 +632,8 @@ class Optimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("state_precision", None)  # pickled by an older optimkit
+        self.__dict__.setdefault("kahan", False)
         for group in self.param_groups:
             for key, hyper in self.hyperparams.items():
                 group.setdefault(key, hyper.default)
@@ -686,7 +688,7 @@ class Optimizer(torch.optim.Optimizer):
         statistics in fp32 for bf16 parameters, or a boolean mask, returns that dtype here, and
         checkpoints keep it. By default: the ``state_precision`` given to the constructor, for
         floating-point parameters."""
-        precision = getattr(self, "state_precision", None)
+        precision = self.state_precision
         if precision is not None and param.is_floating_point() and key != "kahan_comp":
             return precision
         return None
@@ -744,7 +746,7 @@ class Optimizer(torch.optim.Optimizer):
         needed = {"step", *buffers}
         params, grads, states = [], [], []
         state_of, refuse_sparse = self.state, not self.supports_sparse
-        kahan = getattr(self, "kahan", False)
+        kahan = self.kahan
         for p in group["params"]:
             grad = p.grad
             if grad is None:
