@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from optimkit.kernels.registry import register_fused
+from optimkit.kernels.rules._moments import adam_moments
 from optimkit.optimizers.adam import Adam, AdaMax, AdamW, AMSGrad
 
 
@@ -29,8 +30,9 @@ def adam(
     bias_correction2_sqrt,
     amsgrad: tl.constexpr,
 ):
-    exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)  # exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
+    exp_avg, exp_avg_sq = adam_moments(
+        grad, exp_avg, exp_avg_sq, one_minus_beta1, beta2, one_minus_beta2
+    )
     second_moment = exp_avg_sq
     if amsgrad:
         max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL)

@@ -9,14 +9,8 @@ import triton
 import triton.language as tl
 
 from optimkit.kernels.registry import register_fused
+from optimkit.kernels.rules._moments import adam_moments
 from optimkit.optimizers.adaptive import AdaBound, AdaMod, AMSBound, Grams
-
-
-@triton.jit
-def _adam_moments(grad, exp_avg, exp_avg_sq, one_minus_beta1, beta2, one_minus_beta2):
-    exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)  # exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
-    return exp_avg, exp_avg_sq
 
 
 def _step_size(hp, step):
@@ -38,7 +32,7 @@ def adamod(
     eps,
     step_size,
 ):
-    exp_avg, exp_avg_sq = _adam_moments(
+    exp_avg, exp_avg_sq = adam_moments(
         grad, exp_avg, exp_avg_sq, one_minus_beta1, beta2, one_minus_beta2
     )
     rate = tl.div_rn(step_size, tl.sqrt_rn(exp_avg_sq) + eps)
@@ -56,7 +50,7 @@ register_fused(
 def grams(
     param, grad, exp_avg, exp_avg_sq, one_minus_beta1, beta2, one_minus_beta2, eps, step_size
 ):
-    exp_avg, exp_avg_sq = _adam_moments(
+    exp_avg, exp_avg_sq = adam_moments(
         grad, exp_avg, exp_avg_sq, one_minus_beta1, beta2, one_minus_beta2
     )
     sign = tl.where(grad > 0, 1.0, tl.where(grad < 0, -1.0, 0.0))
@@ -84,7 +78,7 @@ def adabound(
     upper,
     amsbound: tl.constexpr,
 ):
-    exp_avg, exp_avg_sq = _adam_moments(
+    exp_avg, exp_avg_sq = adam_moments(
         grad, exp_avg, exp_avg_sq, one_minus_beta1, beta2, one_minus_beta2
     )
     second_moment = exp_avg_sq

@@ -13,16 +13,9 @@ import triton
 import triton.language as tl
 
 from optimkit.kernels.registry import register_fused
+from optimkit.kernels.rules._moments import adam_moments
 from optimkit.optimizers.adaptive import EXAdam, OptimisticAMSGrad
 from optimkit.optimizers.madgrad import MADGRAD
-
-
-@triton.jit
-def _adam_moments(grad, exp_avg, exp_avg_sq, one_minus_beta1, beta2, one_minus_beta2):
-    """``adam_moments_``: exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq * beta2 + (1-beta2) g^2."""
-    exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
-    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
-    return exp_avg, exp_avg_sq
 
 
 @triton.jit
@@ -40,7 +33,7 @@ def exadam(
     bias_correction2,
     step_size,
 ):
-    exp_avg, exp_avg_sq = _adam_moments(
+    exp_avg, exp_avg_sq = adam_moments(
         grad, exp_avg, exp_avg_sq, one_minus_beta1, beta2, one_minus_beta2
     )
     d1 = tl.div_rn(exp_avg_sq, exp_avg_sq + eps) * beta2_power + 1.0
@@ -79,7 +72,7 @@ def optimistic_amsgrad(
     beta2,
     one_minus_beta2,
 ):
-    exp_avg, exp_avg_sq = _adam_moments(
+    exp_avg, exp_avg_sq = adam_moments(
         grad, exp_avg, exp_avg_sq, one_minus_beta1, beta2, one_minus_beta2
     )
     max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL)

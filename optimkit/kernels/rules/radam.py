@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from optimkit.kernels.registry import register_fused
+from optimkit.kernels.rules._moments import adam_moments
 from optimkit.optimizers.adaptive import RAdam
 
 
@@ -26,8 +27,9 @@ def radam(
     sgd_step,
     rectified,
 ):
-    exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)  # exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
+    exp_avg, exp_avg_sq = adam_moments(
+        grad, exp_avg, exp_avg_sq, one_minus_beta1, beta2, one_minus_beta2
+    )
     adaptive = param + (-adaptive_step) * tl.div_rn(exp_avg, tl.sqrt_rn(exp_avg_sq) + eps)
     plain = param + (-sgd_step) * exp_avg
     param = tl.where(rectified > 0.5, adaptive, plain)

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from optimkit.kernels.registry import Reduction, register_fused
+from optimkit.kernels.rules._moments import adam_moments
 from optimkit.optimizers.core import CoRe
 from optimkit.optimizers.spam import SPAM, StableSPAM, spam_warmup_scale, stable_spam_schedule
 from optimkit.transforms.clipping import ada_clip_thresholds, ada_gn_scales
@@ -53,8 +54,9 @@ def spam(
     exp_avg_sq = tl.where(reset > 0.5, 0.0, exp_avg_sq)
     spike = (grad * grad > threshold * exp_avg_sq) & (clip > 0.5)
     grad = tl.where(spike, _sign(grad) * tl.sqrt_rn(exp_avg_sq * threshold), grad)
-    exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)  # Adam, as Adam.update
-    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
+    exp_avg, exp_avg_sq = adam_moments(  # Adam, as Adam.update
+        grad, exp_avg, exp_avg_sq, one_minus_beta1, beta2, one_minus_beta2
+    )
     denom = tl.sqrt_rn(exp_avg_sq) / bias_correction2_sqrt + shifted_eps
     param = param + (-step_size) * tl.div_rn(exp_avg, denom)
     param = param * decay  # decoupled weight decay after the update (authors' code)
@@ -195,8 +197,9 @@ def stable_spam(
 ):
     grad = _ada_clip(grad, grad_max, clip_threshold)  # AdaClip
     grad = tl.div_rn(grad, norm_divisor) * norm_scale  # AdaGN
-    exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)  # Adam (beta1 scaled on the host)
-    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
+    exp_avg, exp_avg_sq = adam_moments(  # Adam (beta1 scaled on the host)
+        grad, exp_avg, exp_avg_sq, one_minus_beta1, beta2, one_minus_beta2
+    )
     second_moment = exp_avg_sq
     if amsgrad:
         max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL)
