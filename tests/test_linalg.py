@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from optimkit.linalg import (
@@ -117,3 +118,70 @@ def test_batched_qr_matches_torch():
         big = torch.randn(6, 64, 64, device="cuda")
         per_matrix = torch.stack([torch.linalg.qr(m)[0] for m in big])
         torch.testing.assert_close(batched_qr(big), per_matrix, rtol=1e-6, atol=1e-6)
+
+
+def _same_up_to_column_signs(q, reference):
+    signs = torch.sign((q * reference).sum(-2, keepdim=True))
+    return (q - reference * signs).abs().amax()
+
+
+@pytest.mark.parametrize("block", [4, 5, 256])
+def test_cholesky_qr2_is_householders_q_up_to_signs(block):
+    """Blocked (block 4, 5: uneven last block) and unblocked CholeskyQR2 give torch.linalg.qr's
+    Q factor in fp64 (columns may differ in sign), orthogonal, and report success."""
+    from optimkit.linalg import cholesky_qr2
+
+    gen = torch.Generator().manual_seed(3)
+    stack = torch.randn(3, 13, 13, generator=gen, dtype=torch.float64)
+    stack[1] *= torch.logspace(0, -6, 13, dtype=torch.float64)  # badly scaled columns
+    q, ok = cholesky_qr2(stack, block=block)
+    assert ok.all()
+    assert _same_up_to_column_signs(q, torch.linalg.qr(stack)[0]) < 1e-12
+    torch.testing.assert_close(q.mT @ q, torch.eye(13, dtype=torch.float64).expand(3, 13, 13))
+    # fp32: within fp32 rounding; TF32 (emulated here): within its rounding, still orthogonal
+    q32, ok32 = cholesky_qr2(stack.float(), block=block)
+    assert ok32.all() and _same_up_to_column_signs(q32.double(), q) < 1e-4
+    q_tf32, ok_tf32 = cholesky_qr2(stack.float(), "tf32", block=block)
+    assert ok_tf32.all() and 1e-6 < _same_up_to_column_signs(q_tf32.double(), q) < 5e-2
+    assert (q_tf32.mT @ q_tf32 - torch.eye(13)).abs().amax() < 2e-2
+
+
+def test_cholesky_qr2_flags_what_it_cannot_factor():
+    """A zero column or a NaN cannot be factored and is flagged; a rank-deficient matrix is
+    either flagged or (rounding made its Gram matrix definite) given a valid Q factor:
+    orthogonal with Q Q^T Y = Y."""
+    from optimkit.linalg import cholesky_qr2
+
+    stack = torch.randn(4, 6, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    stack[1, :, 3] = stack[1, :, 2]  # rank-deficient
+    stack[2, :, 0] = 0.0  # a zero column
+    stack[3, 0, 0] = float("nan")
+    q, ok = cholesky_qr2(stack, block=2)
+    assert ok[0] and not ok[2] and not ok[3]
+    for i in (0, 1):
+        if ok[i]:
+            torch.testing.assert_close(q[i].mT @ q[i], torch.eye(6, dtype=torch.float64))
+            torch.testing.assert_close(q[i] @ (q[i].mT @ stack[i]), stack[i])
+
+
+def test_power_qr_cholesky_falls_back_to_householder_and_counts():
+    """A statistic with a zero row and column (a coordinate that never had a gradient) makes a
+    zero column in A Q, which Cholesky cannot factor: that matrix takes Householder's QR
+    (counted), the other keeps CholeskyQR2's; both orthogonal, the same order."""
+    gen = torch.Generator().manual_seed(5)
+    full = torch.randn(2, 6, 6, generator=gen, dtype=torch.float64)
+    stats = full @ full.mT
+    stats[0, -1, :] = 0.0
+    stats[0, :, -1] = 0.0
+    basis = torch.eye(6, dtype=torch.float64).expand(2, 6, 6).clone()
+    counts = {}
+    q, order, ok = eigenbasis_power_qr(stats, basis, method="cholesky", counts=counts)
+    assert ok.all() and counts == {"householder_fallbacks": 1}
+    eye = torch.eye(6, dtype=torch.float64).expand(2, 6, 6)
+    torch.testing.assert_close(q.mT @ q, eye)
+    reference, ref_order, _ = eigenbasis_power_qr(stats, basis, method="householder")
+    assert torch.equal(order, ref_order)
+    assert torch.equal(q[0], reference[0])  # the fallback is Householder's exactly
+    assert _same_up_to_column_signs(q[1:], reference[1:]) < 1e-12
+    with pytest.raises(ValueError, match="method"):
+        eigenbasis_power_qr(stats, basis, method="givens")

@@ -7,6 +7,9 @@ refreshes amortised over their frequency) at the GPU's matmul rate, measured her
 process for the precision each uses. Factorisations (``eigh``, QR) do not run at the matmul
 rate; their matmul-equivalent FLOPs (4/3 n^3 for a QR) are counted, ``eigh`` is not (it is in
 the time but not in the floor), so the ratio time / floor is an upper bound on the overhead.
+Every step gets a fresh random gradient (drawn outside the timed region), so that the
+statistics are full-rank as in training; ``refresh_counts`` in the JSON output report the
+refreshes whose Cholesky QR fell back to Householder's.
 """
 
 from __future__ import annotations
@@ -122,7 +125,24 @@ def precision_of(name: str, hp: dict[str, Any], device: torch.device) -> str:
     return "fp32" if device.type != "cuda" and precision == "tf32" else precision
 
 
-def _time(opt: torch.optim.Optimizer, device: torch.device, steps: int) -> tuple[float, list]:
+def _new_gradients(params: Sequence[torch.Tensor], generator: torch.Generator) -> None:
+    """A fresh gradient for every parameter, drawn on its device (outside the timed region):
+    a gradient repeated step after step would make rank-deficient statistics (G G^T of one
+    5504 x 2048 gradient has rank 2048), which no training run has."""
+    for p in params:
+        p.grad.normal_(0.0, 1e-3, generator=generator)
+
+
+def _time(
+    opt: torch.optim.Optimizer,
+    device: torch.device,
+    steps: int,
+    params: Sequence[torch.Tensor] = (),
+) -> tuple[float, list]:
+    """``(first step's seconds, the next steps' seconds)``; ``params`` get new gradients
+    before every step."""
+    generator = torch.Generator(device=device).manual_seed(1)
+    _new_gradients(params, generator)
     _sync(device)
     start = time.perf_counter()
     opt.step()  # initialises statistics and bases
@@ -130,6 +150,7 @@ def _time(opt: torch.optim.Optimizer, device: torch.device, steps: int) -> tuple
     first = time.perf_counter() - start
     times = []
     for _ in range(steps):
+        _new_gradients(params, generator)
         _sync(device)
         start = time.perf_counter()
         opt.step()
@@ -145,7 +166,12 @@ def _peers(device: torch.device) -> dict[str, Any]:
         import pytorch_optimizer
     except ImportError:
         return peers
-    version = getattr(pytorch_optimizer, "__version__", "?")
+    from importlib.metadata import PackageNotFoundError, version as package_version
+
+    try:
+        version = package_version("pytorch_optimizer")
+    except PackageNotFoundError:  # imported from a path, not installed
+        version = getattr(pytorch_optimizer, "__version__", "?")
     peers[f"pytorch_optimizer {version} SOAP"] = (
         lambda ps: pytorch_optimizer.SOAP(ps, precondition_frequency=10),
         "SOAP",
@@ -203,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     params = _make_params(shapes, device)
     baseline = torch.optim.AdamW(params, fused=device.type == "cuda")
-    _, times = _time(baseline, device, args.steps)
+    _, times = _time(baseline, device, args.steps, params)
     adamw_ms = 1e3 * sum(times) / len(times)
     del baseline, params
 
@@ -229,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         params = _make_params(shapes, device)
         try:
             opt = make(params)
-            first, times = _time(opt, device, args.steps)
+            first, times = _time(opt, device, args.steps, params)
         except Exception as error:  # a peer may fail on this list: report it, go on
             rows.append({"optimizer": label, "error": f"{type(error).__name__}: {error}"})
             print(f"{label}: {rows[-1]['error']}")
@@ -246,16 +272,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "matmul_precision": precision,
                 "ms_per_step": ms,
                 "median_ms": 1e3 * statistics.median(times),
+                "slowest_ms": 1e3 * max(times),
                 "first_step_s": first,
                 "flops_per_step": flops,
                 "floor_ms": floor_ms,
                 "vs_floor": ms / floor_ms if floor_ms else None,
                 "vs_torch_fused_adamw": ms / adamw_ms,
                 "share_of_training_step": ms / training_ms,
+                "refresh_counts": dict(getattr(opt, "refresh_counts", {})),
             }
         )
         print(
-            f"{label:<34} {ms:9.1f} ms/step (median {rows[-1]['median_ms']:.1f}, first step "
+            f"{label:<34} {ms:9.1f} ms/step (median {rows[-1]['median_ms']:.1f}, slowest "
+            f"{rows[-1]['slowest_ms']:.1f}, first step "
             f"{first:.1f} s)  {flops / 1e12:7.2f} TFLOP/step  floor {floor_ms:8.1f} ms at "
             f"{precision}  {_ratio(rows[-1]['vs_floor'])} floor  {ms / adamw_ms:.1f}x torch "
             f"AdamW  {100 * ms / training_ms:.1f}% of a training step"

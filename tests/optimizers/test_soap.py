@@ -302,3 +302,24 @@ def test_tf32_matmuls_stay_close_to_the_fp64_reference():
     assert max(errors) > 1e-6  # the option does change the arithmetic
     with pytest.raises(ValueError, match="matmul_precision"):
         SOAP([torch.zeros(2, 2, requires_grad=True)], matmul_precision="bf16")
+
+
+@pytest.mark.parametrize("block", [None, 2])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_qr_methods_match_the_reference(monkeypatch, block, dtype, tol):
+    """qr_method="cholesky" (the default: CholeskyQR2 from matrix products, blocked when the
+    block size is below a side, here 2) and "householder" (the authors' torch.linalg.qr) both
+    keep the fp64 reference's trajectory; they differ by rounding only."""
+    import optimkit.linalg
+
+    if block is not None:
+        monkeypatch.setattr(optimkit.linalg, "CHOLESKY_BLOCK", block)
+    cholesky_opt, cholesky, refs = run(dtype)
+    _, householder, _ = run(dtype, hp={"qr_method": "householder"})
+    assert_parity(cholesky, refs, tol)
+    assert_parity(householder, refs, tol)
+    assert SOAP([torch.zeros(2, 2, requires_grad=True)]).defaults["qr_method"] == "cholesky"
+    # the rank-one gradients of grads_for make some refreshes fall back: counted, still exact
+    assert set(cholesky_opt.refresh_counts) <= {"householder_fallbacks"}
+    with pytest.raises(ValueError, match="qr_method"):
+        SOAP([torch.zeros(2, 2, requires_grad=True)], qr_method="givens")
