@@ -166,7 +166,8 @@ def _peers(device: torch.device) -> dict[str, Any]:
         import pytorch_optimizer
     except ImportError:
         return peers
-    from importlib.metadata import PackageNotFoundError, version as package_version
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
 
     try:
         version = package_version("pytorch_optimizer")
