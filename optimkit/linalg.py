@@ -333,6 +333,7 @@ def inverse_root_coupled_newton(
     ridge_epsilon: float,
     iterations: int = 100,
     tolerance: float = 1e-6,
+    counts: dict[str, float] | None = None,
 ) -> tuple[Tensor, Tensor]:
     r""":math:`(A + \epsilon\lambda_{max} I)^{-1/p}` by the coupled Newton iteration (Guo & Higham
     2006, eq. 3.2), batched; the Shampoo authors' ``ComputePower``.
@@ -345,7 +346,9 @@ def inverse_root_coupled_newton(
     iterated while :math:`\max|M_k - I| >` ``tolerance`` (at most ``iterations`` rounds) and
     stopped for a matrix whose error grows by more than 20% (its last good iterate is kept),
     as in the authors' code. :math:`\lambda_{max}` comes from a power iteration (deviation: a
-    deterministic start vector instead of the authors' random one). Returns ``(roots, ok)``."""
+    deterministic start vector instead of the authors' random one). Returns ``(roots, ok)``.
+    With a ``counts`` dict, ``counts["root_matmul_flops"]`` grows by the FLOPs of the matrix
+    products run (every matrix of the stack takes part in every round that any needs)."""
     n = stack.size(-1)
     identity = torch.eye(n, dtype=stack.dtype, device=stack.device)
     max_ev = _max_eigenvalue_power_iteration(stack)
@@ -356,9 +359,11 @@ def inverse_root_coupled_newton(
     error = (m - identity).abs().amax((-2, -1))
     active = error > tolerance
     alpha = -1.0 / root
+    rounds = 0
     for _ in range(iterations):
         if not bool(active.any()):
             break
+        rounds += 1
         t = (1 - alpha) * identity + alpha * m
         new_x = x @ t
         new_m = torch.linalg.matrix_power(t, root) @ m
@@ -370,7 +375,17 @@ def inverse_root_coupled_newton(
         error = torch.where(accept, new_error, error)
         active = accept & (error > tolerance)
     ok = torch.isfinite(z) & (z > 0) & all_finite(x)
+    if counts is not None:
+        # per round: x @ t, matrix_power(t, root) (root - 1 products, fewer by squaring), @ m
+        products = 2 + _matrix_power_products(root)
+        flops = 2.0 * n**3 * stack[..., 0, 0].numel() * rounds * products
+        counts["root_matmul_flops"] = counts.get("root_matmul_flops", 0.0) + flops
     return x, ok
+
+
+def _matrix_power_products(exponent: int) -> int:
+    """Matrix products ``torch.linalg.matrix_power`` makes (binary powering)."""
+    return max(exponent.bit_length() - 1 + bin(exponent).count("1") - 1, 0)
 
 
 def eigenbasis_eigh(stack: Tensor) -> tuple[Tensor, Tensor]:

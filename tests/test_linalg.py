@@ -59,6 +59,23 @@ def test_coupled_newton_well_conditioned():
     torch.testing.assert_close(newton, exact, rtol=1e-5, atol=1e-6)
 
 
+def test_coupled_newton_counts_its_matmul_flops():
+    """counts["root_matmul_flops"]: 2 n^3 per product, 4 products a round for p = 4 (x @ t,
+    t^2, (t^2)^2, @ m), every matrix of the stack in every round; added up across calls; a
+    square root (p = 2) makes 3 products a round."""
+    stack = spd_stack() + 5 * torch.eye(5, dtype=torch.float64)
+    counts = {}
+    inverse_root_coupled_newton(stack, 4, 1e-6, counts=counts)
+    per_round = 2 * 5**3 * 3 * 4
+    rounds = counts["root_matmul_flops"] / per_round
+    assert rounds == int(rounds) and 1 <= rounds <= 100
+    inverse_root_coupled_newton(stack, 4, 1e-6, counts=counts)
+    assert counts["root_matmul_flops"] == 2 * rounds * per_round
+    square = {}
+    inverse_root_coupled_newton(stack, 2, 1e-6, counts=square)
+    assert square["root_matmul_flops"] % (2 * 5**3 * 3 * 3) == 0
+
+
 def test_eigenbasis_descending_and_power_qr_orthogonal():
     stack = spd_stack()
     q, ok = eigenbasis_eigh(stack)

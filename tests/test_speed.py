@@ -128,6 +128,22 @@ def test_speed_matrix_main_tiny(tmp_path):
     assert all(r["ms_per_step"] > 0 and r["flops_per_step"] > 0 for r in payload["results"])
 
 
+def test_speed_matrix_counts_newton_roots_in_the_floor(tmp_path):
+    """Shampoo with root_method="newton": the products its roots ran during the timed steps
+    (refresh_counts) are added, amortised, to the floor's FLOPs; eigh roots are not."""
+    from optimkit.lab import speed_matrix
+
+    out = tmp_path / "matrix.json"
+    args = ["--size", "tiny", "--device", "cpu", "--steps", "2", "--out", str(out)]
+    spec = "Shampoo(root_method='newton',preconditioning_compute_steps=1),Shampoo"
+    assert speed_matrix.main([*args, "--optimizers", spec]) == 0
+    newton, eigh = json.loads(out.read_text())["results"]
+    roots = newton["refresh_counts"]["root_matmul_flops"]
+    assert roots > 0 and eigh["refresh_counts"] == {}
+    blocks_only = speed_matrix.shampoo_flops(speed_matrix.shapes_for("tiny"), 128, 1)
+    assert newton["flops_per_step"] == pytest.approx(blocks_only + roots / 2)
+
+
 def test_speed_matrix_configured_optimizers_and_precisions(tmp_path):
     """NAME(key=value) specs are timed with those hyperparameters; the floor uses the matmul
     precision they select; every row reports its share of a 0.5 M-token training step."""

@@ -32,6 +32,7 @@ from optimkit.engine import (
     weight_decay_hyper,
 )
 from optimkit.linalg import inverse_root_coupled_newton, inverse_root_eigh
+from optimkit.optimizers._refresh import RefreshCounts
 from optimkit.registry import REFERENCE_SHAPES, Paper, register
 
 __all__ = ["Shampoo", "merge_small_dims", "block_slices"]
@@ -135,7 +136,7 @@ def precondition_block(block: Tensor, roots: list[Tensor]) -> Tensor:
     ),
     battery={"hp": {"lr": 0.1}},
 )
-class Shampoo(Optimizer):
+class Shampoo(RefreshCounts, Optimizer):
     r"""Shampoo: Kronecker-factored AdaGrad preconditioning per tensor block, with grafting.
 
     A parameter is reshaped (``best_effort_shape_interpretation``: small consecutive dims
@@ -294,7 +295,9 @@ class Shampoo(Optimizer):
             ok = torch.ones(stats.shape[:-2], dtype=torch.bool, device=stats.device)
             return torch.ones_like(stats), ok
         if hp["root_method"] == "newton":
-            return inverse_root_coupled_newton(stats, exponent, hp["matrix_eps"])
+            return inverse_root_coupled_newton(
+                stats, exponent, hp["matrix_eps"], counts=self.refresh_counts
+            )
         return inverse_root_eigh(stats, exponent, hp["matrix_eps"])
 
     def _step_group(self, group: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ from optimkit.linalg import (
     eigenbasis_power_qr,
     matmul,
 )
+from optimkit.optimizers._refresh import RefreshCounts
 from optimkit.registry import REFERENCE_SHAPES, Paper, register
 
 __all__ = ["SOAP", "soap_merged_shape", "mode_product"]
@@ -85,7 +86,7 @@ def gram(x: Tensor, dim: int, precision: str = "fp32") -> Tensor:
     shape_aware=True,
     verified_against=("fp64 reference of nikhilvyas/SOAP soap.py (re-implemented in test)",),
 )
-class SOAP(Optimizer):
+class SOAP(RefreshCounts, Optimizer):
     r"""SOAP: Adam run in the slowly refreshed eigenbasis of Shampoo's preconditioner.
 
     For a gradient :math:`G` (a tensor; written here for a matrix) with eigenbases
@@ -191,16 +192,6 @@ class SOAP(Optimizer):
     impls = ("reference",)
     supports_complex = False
     weight_decay_mode = None  # applied after the step, as the authors do
-
-    def __init__(self, params: Any, lr: float | Tensor | None = None, **kwargs: Any) -> None:
-        super().__init__(params, lr, **kwargs)
-        #: refreshes whose Cholesky QR could not factor a matrix and took Householder's QR
-        #: (``{"householder_fallbacks": n}``; a diagnostic, not saved in checkpoints).
-        self.refresh_counts: dict[str, int] = {}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("refresh_counts", {})
 
     # ------------------------------------------------------------------------------------
     @classmethod
