@@ -376,7 +376,7 @@ def inverse_root_coupled_newton(
         active = accept & (error > tolerance)
     ok = torch.isfinite(z) & (z > 0) & all_finite(x)
     if counts is not None:
-        # per round: x @ t, matrix_power(t, root) (root - 1 products, fewer by squaring), @ m
+        # per round: x @ t, matrix_power(t, root) (binary powering), and its product with m
         products = 2 + _matrix_power_products(root)
         flops = 2.0 * n**3 * stack[..., 0, 0].numel() * rounds * products
         counts["root_matmul_flops"] = counts.get("root_matmul_flops", 0.0) + flops
@@ -412,10 +412,9 @@ def eigenbasis_power_qr(
     the permutation the caller applies to the second-moment axis. :math:`AQ` is computed once:
     its diagonal products give :math:`\hat\lambda` and its permuted columns are
     :math:`A\,Q_{:,\pi}`. ``precision``: that of the matrix products (:func:`matmul`).
-    ``method``: ``"householder"`` (``torch.linalg.qr``, in
-    fp32, as the authors) or ``"cholesky"`` (:func:`cholesky_qr2` at ``precision``; the
-    matrices it cannot factor take Householder's QR, counted in
-    ``counts["householder_fallbacks"]`` when a dict is given)."""
+    ``method``: ``"householder"`` (``torch.linalg.qr`` in fp32, as the authors) or
+    ``"cholesky"`` (:func:`cholesky_qr2` at ``precision``; the matrices it cannot factor take
+    Householder's QR, counted in ``counts["householder_fallbacks"]`` when a dict is given)."""
     if method not in QR_METHODS:
         raise ValueError(f"method must be one of {QR_METHODS}, got {method!r}")
     product = matmul(stack, basis, precision)  # A Q, once: (A Q)[:, pi] = A Q[:, pi]
