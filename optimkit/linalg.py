@@ -15,7 +15,8 @@ weights) and count the failures.
 * :func:`eigenbasis_power_qr`: SOAP's warm-started refresh: one power-iteration step then QR.
 * :func:`matmul` / :func:`tf32_round`: matrix products at a chosen precision ("fp32" or
   "tf32": inputs rounded to TF32's 10-bit mantissa, fp32 accumulation; on CUDA by the tensor
-  cores, on the CPU emulated by rounding the inputs).
+  cores, on the CPU emulated by rounding the inputs); :func:`matmul_accumulate_`: ``out =
+  beta out + alpha a @ b`` in place, one GEMM on CUDA.
 * :func:`batched_qr`: ``torch.linalg.qr`` of a stack, on CUDA spread over a few streams (the
   solver's per-matrix kernels leave most of a large GPU idle).
 * :func:`cholesky_qr2`: the same Q factor from matrix products (column-equilibrated CholeskyQR
@@ -38,6 +39,7 @@ __all__ = [
     "eigenbasis_power_qr",
     "all_finite",
     "matmul",
+    "matmul_accumulate_",
     "tf32_round",
     "batched_qr",
     "cholesky_qr2",
@@ -78,13 +80,18 @@ def matmul(a: Tensor, b: Tensor, precision: str = "fp32") -> Tensor:
     return tf32_round(a) @ tf32_round(b)
 
 
-def _matmul_sub_(out: Tensor, a: Tensor, b: Tensor, precision: str = "fp32") -> Tensor:
-    """``out -= a @ b`` in place at ``precision`` (:func:`matmul`); for CUDA stacks one GEMM
-    that accumulates into ``out`` (``baddbmm_``), with no temporary product."""
-    if not a.is_cuda or out.dim() != 3:
-        return out.sub_(matmul(a, b, precision))
+def matmul_accumulate_(
+    out: Tensor, a: Tensor, b: Tensor, beta: float, alpha: float, precision: str = "fp32"
+) -> Tensor:
+    """``out = beta * out + alpha * (a @ b)`` in place, the product at ``precision``
+    (:func:`matmul`); on CUDA one GEMM that reads and writes ``out`` in its epilogue
+    (``addmm_`` / ``baddbmm_``), with no temporary product. ``out`` may be a strided view."""
+    if not a.is_cuda or out.dim() not in (2, 3):
+        return out.mul_(beta).add_(matmul(a, b, precision), alpha=alpha)
     with _tf32(precision == "tf32" and a.dtype == torch.float32):
-        return out.baddbmm_(a, b, alpha=-1)
+        if out.dim() == 2:
+            return out.addmm_(a, b, beta=beta, alpha=alpha)
+        return out.baddbmm_(a, b, beta=beta, alpha=alpha)
 
 
 class _tf32:
@@ -132,53 +139,53 @@ def _orthogonality_tolerance(dtype: torch.dtype, precision: str) -> float:
     return 2e-2 if precision == "tf32" else 1e-4
 
 
-def _blocked_cholesky(
+def _blocked_cholesky_(
     gram: Tensor, precision: str, block: int
-) -> tuple[Tensor, list[Tensor], Tensor]:
-    r"""Upper Cholesky factors :math:`C = R^\top R` of a stack, right-looking by blocks of
+) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    r"""Upper Cholesky factor :math:`C = R^\top R` of a stack, right-looking by blocks of
     ``block`` columns: the diagonal blocks by ``torch.linalg.cholesky_ex``, the panels and the
-    trailing updates by matrix products at ``precision``. Returns ``(R, inverses of the
-    diagonal blocks, ok)``; ``ok`` is False where a diagonal block was not positive definite."""
+    trailing updates by matrix products at ``precision``. ``gram`` is overwritten (it holds
+    the trailing matrices). Returns ``(panels, inverses, ok)``: the off-diagonal block rows
+    :math:`R_{j, j+1:}`, the inverses of the diagonal blocks :math:`R_{jj}^{-1}`, and ``ok``,
+    False where a diagonal block was not positive definite."""
     n = gram.size(-1)
-    trailing = gram.clone()
-    factor = torch.zeros_like(gram)
     ok = torch.ones(gram.shape[:-2], dtype=torch.bool, device=gram.device)
-    inverses = []
+    panels, inverses = [], []
     for start in range(0, n, block):
         stop = min(start + block, n)
-        diagonal, info = torch.linalg.cholesky_ex(trailing[..., start:stop, start:stop], upper=True)
+        diagonal, info = torch.linalg.cholesky_ex(gram[..., start:stop, start:stop], upper=True)
         ok &= info == 0
         eye = torch.eye(stop - start, dtype=gram.dtype, device=gram.device)
         inverse = torch.linalg.solve_triangular(diagonal, eye, upper=True)
         inverses.append(inverse)
-        factor[..., start:stop, start:stop] = diagonal
         if stop < n:
-            panel = matmul(inverse.mT, trailing[..., start:stop, stop:], precision)
-            factor[..., start:stop, stop:] = panel
-            _matmul_sub_(trailing[..., stop:, stop:], panel.mT, panel, precision)
-    return factor, inverses, ok
+            panel = matmul(inverse.mT, gram[..., start:stop, stop:], precision)
+            panels.append(panel)
+            matmul_accumulate_(gram[..., stop:, stop:], panel.mT, panel, 1.0, -1.0, precision)
+    return panels, inverses, ok
 
 
-def _solve_upper_right(
-    rhs: Tensor, factor: Tensor, inverses: list[Tensor], precision: str, block: int
+def _solve_upper_right_(
+    x: Tensor, panels: list[Tensor], inverses: list[Tensor], precision: str, block: int
 ) -> Tensor:
-    r""":math:`X = Y R^{-1}` for upper-triangular :math:`R` by column blocks (the inverses of
-    its diagonal blocks from :func:`_blocked_cholesky`), every piece a matrix product."""
-    n = factor.size(-1)
-    x = rhs.clone()
+    r""":math:`X \leftarrow X R^{-1}` in place for the upper-triangular :math:`R` of
+    :func:`_blocked_cholesky_` (its panels and inverted diagonal blocks), by column blocks,
+    every piece a matrix product."""
+    n = x.size(-1)
     for index, start in enumerate(range(0, n, block)):
         stop = min(start + block, n)
         solved = matmul(x[..., start:stop], inverses[index], precision)
         x[..., start:stop] = solved
         if stop < n:
-            _matmul_sub_(x[..., stop:], solved, factor[..., start:stop, stop:], precision)
+            matmul_accumulate_(x[..., stop:], solved, panels[index], 1.0, -1.0, precision)
     return x
 
 
-def _cholesky_qr_pass(y: Tensor, precision: str, block: int) -> tuple[Tensor, Tensor]:
-    gram = matmul(y.mT, y, precision)
-    factor, inverses, ok = _blocked_cholesky(gram, precision, block)
-    return _solve_upper_right(y, factor, inverses, precision, block), ok
+def _cholesky_qr_pass_(y: Tensor, precision: str, block: int) -> tuple[Tensor, Tensor]:
+    """One CholeskyQR pass, overwriting ``y`` with :math:`Y R^{-1}`, :math:`R^\top R = Y^\top
+    Y`. Returns ``(y, ok)``."""
+    panels, inverses, ok = _blocked_cholesky_(matmul(y.mT, y, precision), precision, block)
+    return _solve_upper_right_(y, panels, inverses, precision, block), ok
 
 
 def cholesky_qr2(
@@ -208,18 +215,20 @@ def cholesky_qr2(
     Householder's QR for those matrices. ``block``: default :data:`CHOLESKY_BLOCK`."""
     block = CHOLESKY_BLOCK if block is None else block
     norms = torch.linalg.vector_norm(stack, dim=-2, keepdim=True)
-    ok = (norms > 0).flatten(-2).all(-1) & all_finite(stack)
+    # a non-finite entry makes its column's norm non-finite: no separate pass over the stack
+    ok = ((norms > 0) & torch.isfinite(norms)).flatten(-2).all(-1)
     y = stack / torch.where(norms > 0, norms, torch.ones_like(norms))
-    q, ok1 = _cholesky_qr_pass(y, precision, block)
-    q, ok2 = _cholesky_qr_pass(q, precision, block)
+    q, ok1 = _cholesky_qr_pass_(y, precision, block)
+    q, ok2 = _cholesky_qr_pass_(q, precision, block)
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(stack.size(-1), 4, generator=generator, dtype=torch.float64)
     probe = probe.to(dtype=stack.dtype, device=stack.device)
     error = (matmul(q.mT, matmul(q, probe)) - probe).abs().flatten(-2).amax(-1)
+    # a non-finite entry of Q makes the probe's error non-finite (NaN, or inf), so the
+    # probe also stands for a finiteness check of Q
     error = torch.nan_to_num(error, nan=float("inf"))
     tolerance = _orthogonality_tolerance(stack.dtype, precision) * float(probe.abs().amax())
-    ok = ok & ok1 & ok2 & (error <= tolerance) & all_finite(q)
-    return q, ok
+    return q, ok & ok1 & ok2 & (error <= tolerance)
 
 
 def all_finite(stack: Tensor) -> Tensor:
@@ -418,17 +427,30 @@ def eigenbasis_power_qr(
     if method not in QR_METHODS:
         raise ValueError(f"method must be one of {QR_METHODS}, got {method!r}")
     product = matmul(stack, basis, precision)  # A Q, once: (A Q)[:, pi] = A Q[:, pi]
-    estimates = torch.einsum("...ij,...ij->...j", basis, product)
+    estimates = _column_dots(basis, product)
     order = torch.argsort(estimates, dim=-1, descending=True, stable=True)
     product = torch.gather(product, -1, order.unsqueeze(-2).expand_as(product))
     if method == "householder":
         q = batched_qr(product)
         return q, order, all_finite(q)
-    q, factored = cholesky_qr2(product, precision)
-    failed = (~factored).nonzero()  # one host read per refresh
+    q, ok = cholesky_qr2(product, precision)
+    failed = (~ok).nonzero()  # one host read per refresh
     if len(failed):
         index = tuple(failed.T)
         q[index] = batched_qr(product[index].reshape(-1, *product.shape[-2:]))
+        ok[index] = all_finite(q[index])
         if counts is not None:
             counts["householder_fallbacks"] = counts.get("householder_fallbacks", 0) + len(failed)
-    return q, order, all_finite(q)
+    return q, order, ok
+
+
+def _column_dots(a: Tensor, b: Tensor) -> Tensor:
+    r""":math:`\sum_i a_{ij} b_{ij}` for each matrix of two stacks, ``(..., n)``: the diagonal
+    of :math:`A^\top B` without forming it, one matrix at a time (a temporary of one matrix,
+    not of the stack)."""
+    flat_a = a.reshape(-1, *a.shape[-2:])
+    flat_b = b.reshape(-1, *b.shape[-2:])
+    dots = [torch.linalg.vecdot(x, y, dim=0) for x, y in zip(flat_a, flat_b)]
+    if not dots:
+        return a.new_zeros((*a.shape[:-2], a.size(-1)))
+    return torch.stack(dots).reshape(*a.shape[:-2], a.size(-1))

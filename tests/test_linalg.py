@@ -86,6 +86,12 @@ def test_eigenbasis_descending_and_power_qr_orthogonal():
     eye = torch.eye(5, dtype=torch.float64).expand_as(stack)
     torch.testing.assert_close(q2.mT @ q2, eye)
     assert order.shape == (3, 5) and ok.all()
+    # the order sorts diag(Q^T A Q), the estimated eigenvalues, in descending order
+    estimates = torch.diagonal(q.mT @ perturbed @ q, dim1=-2, dim2=-1)
+    assert torch.equal(order, torch.argsort(estimates, dim=-1, descending=True, stable=True))
+    # and Q' is the Q factor of A Q with its columns so ordered
+    permuted = torch.gather(perturbed @ q, -1, order.unsqueeze(-2).expand(3, 5, 5))
+    torch.testing.assert_close(q2, torch.linalg.qr(permuted)[0])
 
 
 def test_newton_schulz_batched_equals_single_and_orthogonalises():
@@ -126,6 +132,34 @@ def test_tf32_round_and_matmul_precision():
     assert torch.equal(matmul(d, b.double(), "tf32"), d @ b.double())  # fp64 untouched
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matmul_accumulate_in_place(dtype):
+    """out = beta out + alpha a @ b, in place, also into a strided view; TF32 rounds the
+    product's inputs only; the CUDA path (one GEMM with the accumulation) agrees."""
+    from optimkit.linalg import matmul, matmul_accumulate_
+
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(2, 6, 4, generator=gen, dtype=dtype)
+    b = torch.randn(2, 4, 5, generator=gen, dtype=dtype)
+    base = torch.randn(2, 7, 8, generator=gen, dtype=dtype)
+    for precision in ("fp32", "tf32"):
+        out = base.clone()
+        view = out[:, 1:, 3:]  # strided: the result must land in the parent
+        result = matmul_accumulate_(view, a, b, 0.9, -0.25, precision)
+        assert result.data_ptr() == view.data_ptr()
+        expected = 0.9 * base[:, 1:, 3:] - 0.25 * matmul(a, b, precision)
+        torch.testing.assert_close(out[:, 1:, 3:], expected)
+        assert torch.equal(out[:, 0], base[:, 0]) and torch.equal(out[:, :, :3], base[:, :, :3])
+        single = base[0].clone()
+        matmul_accumulate_(single[:6, :5], a[0], b[0], 1.0, -1.0, precision)
+        torch.testing.assert_close(single[:6, :5], base[0, :6, :5] - matmul(a[0], b[0], precision))
+        if torch.cuda.is_available():
+            on_gpu = base.cuda()
+            matmul_accumulate_(on_gpu[:, 1:, 3:], a.cuda(), b.cuda(), 0.9, -0.25, precision)
+            tol = 1e-2 if precision == "tf32" and dtype == torch.float32 else 1e-5
+            torch.testing.assert_close(on_gpu.cpu(), out, rtol=tol, atol=tol)
+
+
 def test_batched_qr_matches_torch():
     from optimkit.linalg import batched_qr
 
@@ -151,8 +185,9 @@ def test_cholesky_qr2_is_householders_q_up_to_signs(block):
     gen = torch.Generator().manual_seed(3)
     stack = torch.randn(3, 13, 13, generator=gen, dtype=torch.float64)
     stack[1] *= torch.logspace(0, -6, 13, dtype=torch.float64)  # badly scaled columns
+    original = stack.clone()
     q, ok = cholesky_qr2(stack, block=block)
-    assert ok.all()
+    assert ok.all() and torch.equal(stack, original)  # the input is not overwritten
     assert _same_up_to_column_signs(q, torch.linalg.qr(stack)[0]) < 1e-12
     torch.testing.assert_close(q.mT @ q, torch.eye(13, dtype=torch.float64).expand(3, 13, 13))
     # fp32: within fp32 rounding; TF32 (emulated here): within its rounding, still orthogonal
@@ -169,12 +204,13 @@ def test_cholesky_qr2_flags_what_it_cannot_factor():
     orthogonal with Q Q^T Y = Y."""
     from optimkit.linalg import cholesky_qr2
 
-    stack = torch.randn(4, 6, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    stack = torch.randn(5, 6, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     stack[1, :, 3] = stack[1, :, 2]  # rank-deficient
     stack[2, :, 0] = 0.0  # a zero column
     stack[3, 0, 0] = float("nan")
+    stack[4, 2, 5] = float("-inf")
     q, ok = cholesky_qr2(stack, block=2)
-    assert ok[0] and not ok[2] and not ok[3]
+    assert ok[0] and not ok[2] and not ok[3] and not ok[4]
     for i in (0, 1):
         if ok[i]:
             torch.testing.assert_close(q[i].mT @ q[i], torch.eye(6, dtype=torch.float64))
