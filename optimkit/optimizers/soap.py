@@ -33,11 +33,13 @@ from optimkit.linalg import (
     eigenbasis_eigh,
     eigenbasis_power_qr,
     matmul,
+    matmul_accumulate_,
 )
 from optimkit.optimizers._refresh import RefreshCounts
+from optimkit.optimizers.adam import adam_moments_
 from optimkit.registry import REFERENCE_SHAPES, Paper, register
 
-__all__ = ["SOAP", "soap_merged_shape", "mode_product"]
+__all__ = ["SOAP", "soap_merged_shape", "mode_product", "accumulate_gram_"]
 
 
 def soap_merged_shape(shape: tuple[int, ...], max_precond_dim: int) -> tuple[int, ...]:
@@ -69,10 +71,14 @@ def mode_product(x: Tensor, matrix: Tensor, dim: int, precision: str = "fp32") -
     return torch.movedim(product.reshape(*moved.shape[:-1], matrix.shape[1]), -1, dim)
 
 
-def gram(x: Tensor, dim: int, precision: str = "fp32") -> Tensor:
-    """:math:`X_{(k)} X_{(k)}^T`: the mode-``dim`` unfolding times its transpose."""
+def accumulate_gram_(
+    statistic: Tensor, x: Tensor, dim: int, beta: float, precision: str = "fp32"
+) -> Tensor:
+    r""":math:`S \leftarrow \beta S + (1-\beta) X_{(k)} X_{(k)}^\top` in place (the authors'
+    ``lerp`` of the statistic towards the Gram matrix of the mode-``dim`` unfolding), one GEMM
+    on CUDA (:func:`optimkit.linalg.matmul_accumulate_`)."""
     unfolded = torch.movedim(x, dim, 0).reshape(x.shape[dim], -1)
-    return matmul(unfolded, unfolded.T, precision)
+    return matmul_accumulate_(statistic, unfolded, unfolded.T, beta, 1 - beta, precision)
 
 
 @register(
@@ -303,24 +309,24 @@ class SOAP(RefreshCounts, Optimizer):
             g = grad.reshape(shape)
             if s == 0:  # first call: initialise the preconditioner only
                 for k in axes:
-                    state[f"GG{k}"].lerp_(gram(g, k, precision), 1 - shampoo_beta)
+                    accumulate_gram_(state[f"GG{k}"], g, k, shampoo_beta, precision)
                     requests.setdefault((shape[k], "eigh"), []).append((state, k, shape))
                 continue
-            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
             grad_projected = self._project(grad, state, shape, False, precision)
-            exp_avg.mul_(beta1).add_(grad_projected, alpha=1 - beta1)
-            exp_avg_sq.mul_(beta2).add_(grad_projected.square(), alpha=1 - beta2)
+            exp_avg, exp_avg_sq = adam_moments_(state, grad_projected, beta1, beta2)
             denom = exp_avg_sq.sqrt().add_(hp["eps"])
             step_size = hp["lr"]
             if hp["correct_bias"]:
                 step_size = step_size * (1 - beta2**s) ** 0.5 / (1 - beta1**s)
-            norm_grad = self._project(exp_avg / denom, state, shape, True, precision)
+            norm_grad = self._project(
+                torch.div(exp_avg, denom, out=denom), state, shape, True, precision
+            )
             if hp["normalize_grads"]:
                 norm_grad = norm_grad / (1e-30 + norm_grad.square().mean().sqrt())
             self._apply(p, norm_grad, step_size, hp["lr"] * hp["weight_decay"])
             # update_preconditioner: statistics, then (every f steps) a new basis
             for k in axes:
-                state[f"GG{k}"].lerp_(gram(g, k, precision), 1 - shampoo_beta)
+                accumulate_gram_(state[f"GG{k}"], g, k, shampoo_beta, precision)
             if s % hp["precondition_frequency"] == 0 and axes:
                 rotations.append((p, state, self._project(exp_avg, state, shape, True, precision)))
                 for k in axes:
@@ -336,7 +342,7 @@ class SOAP(RefreshCounts, Optimizer):
         work = p if p.dtype == update.dtype else p.to(update.dtype)
         work.add_(update, alpha=-step_size)
         if decay > 0.0:
-            work.add_(work, alpha=-decay)
+            work.mul_(1 - decay)
         if work is not p:
             p.copy_(work)
 
