@@ -16,7 +16,8 @@ weights) and count the failures.
 * :func:`matmul` / :func:`tf32_round`: matrix products at a chosen precision ("fp32" or
   "tf32": inputs rounded to TF32's 10-bit mantissa, fp32 accumulation; on CUDA by the tensor
   cores, on the CPU emulated by rounding the inputs); :func:`matmul_accumulate_`: ``out =
-  beta out + alpha a @ b`` in place, one GEMM on CUDA.
+  beta out + alpha a @ b`` in place, one GEMM on CUDA; :func:`accumulate_gram_`: a Kronecker
+  statistic :math:`\\beta S + w\\,X_{(k)}X_{(k)}^\\top` of SOAP and Shampoo, the same way.
 * :func:`batched_qr`: ``torch.linalg.qr`` of a stack, on CUDA spread over a few streams (the
   solver's per-matrix kernels leave most of a large GPU idle).
 * :func:`cholesky_qr2`: the same Q factor from matrix products (column-equilibrated CholeskyQR
@@ -40,6 +41,7 @@ __all__ = [
     "all_finite",
     "matmul",
     "matmul_accumulate_",
+    "accumulate_gram_",
     "tf32_round",
     "batched_qr",
     "cholesky_qr2",
@@ -92,6 +94,16 @@ def matmul_accumulate_(
         if out.dim() == 2:
             return out.addmm_(a, b, beta=beta, alpha=alpha)
         return out.baddbmm_(a, b, beta=beta, alpha=alpha)
+
+
+def accumulate_gram_(
+    statistic: Tensor, x: Tensor, dim: int, beta: float, weight: float, precision: str = "fp32"
+) -> Tensor:
+    r""":math:`S \leftarrow \beta S + w\,X_{(k)} X_{(k)}^\top` in place, where
+    :math:`X_{(k)}` is the mode-``dim`` unfolding of ``x`` (the Kronecker-factor statistic of
+    Shampoo and SOAP); one GEMM on CUDA (:func:`matmul_accumulate_`)."""
+    unfolded = torch.movedim(x, dim, 0).reshape(x.shape[dim], -1)
+    return matmul_accumulate_(statistic, unfolded, unfolded.T, beta, weight, precision)
 
 
 class _tf32:
@@ -316,24 +328,47 @@ def inverse_root_eigh(stack: Tensor, root: int, ridge_epsilon: float) -> tuple[T
 
 
 def _max_eigenvalue_power_iteration(
-    stack: Tensor, iterations: int = 100, tolerance: float = 1e-6
+    stack: Tensor, iterations: int = 100, tolerance: float = 1e-6, check_every: int = 10
 ) -> Tensor:
-    """Largest eigenvalue of each PSD matrix by power iteration (batched, deterministic start)."""
-    n = stack.size(-1)
-    v = torch.linspace(1.0, 2.0, n, dtype=stack.dtype, device=stack.device)
-    v = v.expand(*stack.shape[:-2], n).unsqueeze(-1)
-    estimate = torch.zeros(stack.shape[:-2], dtype=stack.dtype, device=stack.device)
-    for _ in range(iterations):
-        v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp_min(
-            torch.finfo(v.dtype).tiny
-        )
-        mv = stack @ v
-        new = (v * mv).sum((-2, -1))
-        done = bool(((new - estimate).abs() <= tolerance).all())
-        estimate, v = new, mv
-        if done:
+    r"""Largest eigenvalue of each PSD matrix by power iteration, batched.
+
+    Per matrix exactly the authors' ``PowerIter``: :math:`v \leftarrow v/\|v\|`,
+    :math:`s_k = v^\top A v`, :math:`v \leftarrow Av`, stopping at the first :math:`k` with
+    :math:`|s_k - s_{k-1}| \le` ``tolerance`` (:math:`s_0 = 0`) or after ``iterations`` rounds,
+    and returning that :math:`s_k` (deviation: a deterministic start vector instead of their
+    random one). Each matrix stops on its own; the host looks every ``check_every`` rounds (one
+    sync per look, not per round) and, once at most half still run, iterates on those alone."""
+    batch_shape, n = stack.shape[:-2], stack.size(-1)
+    flat = stack.reshape(-1, n, n)
+    start = torch.linspace(1.0, 2.0, n, dtype=stack.dtype, device=stack.device)
+    v = start.expand(flat.size(0), n).unsqueeze(-1)
+    estimate = torch.zeros(flat.size(0), dtype=stack.dtype, device=stack.device)
+    result = estimate.clone()
+    running = None  # indices into flat of the matrices still iterating (None: all)
+    matrices, rounds = flat, 0
+    tiny = torch.finfo(stack.dtype).tiny
+    finished = torch.zeros_like(estimate, dtype=torch.bool)
+    while rounds < iterations:
+        for _ in range(min(check_every, iterations - rounds)):
+            v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp_min(tiny)
+            mv = matrices @ v
+            new = (v * mv).sum((-2, -1))
+            converged = (new - estimate).abs() <= tolerance
+            estimate = torch.where(finished, estimate, new)
+            finished |= converged
+            v, rounds = mv, rounds + 1
+        if running is None:
+            result.copy_(estimate)
+        else:
+            result.index_copy_(0, running, estimate)
+        still = (~finished).nonzero().squeeze(-1)
+        if still.numel() == 0:
             break
-    return estimate
+        if 2 * still.numel() <= finished.numel():  # compact: copy at most half the stack
+            running = still if running is None else running[still]
+            matrices, v, estimate = flat[running], v[still], estimate[still]
+            finished = finished[still]
+    return result.reshape(batch_shape)
 
 
 def inverse_root_coupled_newton(

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from optimkit.linalg import (
+    _max_eigenvalue_power_iteration,
     eigenbasis_eigh,
     eigenbasis_power_qr,
     inverse_root_coupled_newton,
@@ -57,6 +58,37 @@ def test_coupled_newton_well_conditioned():
     exact, _ = inverse_root_eigh(stack, 4, 1e-6)
     assert ok.all()
     torch.testing.assert_close(newton, exact, rtol=1e-5, atol=1e-6)
+
+
+def authors_power_iter(mat, start, tolerance=1e-6, iterations=100):
+    """The Shampoo authors' ``PowerIter`` for one matrix, from a given start vector."""
+    v, error, count, value = start.clone(), 1.0, 0, torch.zeros((), dtype=mat.dtype)
+    while error > tolerance and count < iterations:
+        v = v / torch.norm(v)
+        mat_v = mat @ v
+        s_v = torch.dot(v, mat_v)
+        error, v, value, count = (s_v - value).abs(), mat_v, s_v, count + 1
+    return value
+
+
+@pytest.mark.parametrize("check_every", [1, 3, 10, 200])
+def test_power_iteration_stops_each_matrix_as_the_authors_do(check_every):
+    """Batched, with host checks every few rounds and compaction, each matrix's estimate is the
+    authors' single-matrix PowerIter's: the early converging ones are not iterated further."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.linalg.qr(torch.randn(6, 8, 8, generator=gen, dtype=torch.float64))[0]
+    gaps = torch.tensor([0.1, 0.5, 0.9, 0.99, 0.999, 1.0], dtype=torch.float64)
+    values = torch.linspace(0.1, 1.0, 8, dtype=torch.float64).expand(6, 8).clone()
+    values[:, -1], values[:, -2] = 30.0, 30.0 * gaps  # second eigenvalue sets the speed
+    stack = (q * values.unsqueeze(-2)) @ q.mT
+    stack = torch.cat([stack, torch.zeros(1, 8, 8, dtype=torch.float64)])
+    start = torch.linspace(1.0, 2.0, 8, dtype=torch.float64)
+    got = _max_eigenvalue_power_iteration(stack.reshape(7, 1, 8, 8), check_every=check_every)
+    assert got.shape == (7, 1)
+    expected = torch.stack([authors_power_iter(m, start) for m in stack])
+    torch.testing.assert_close(got.reshape(7), expected, rtol=1e-12, atol=1e-12)
+    assert got[-1] == 0.0 and abs(got[0] - 30.0) < 1e-5  # zero matrix; fast convergence
+    assert abs(got[-2] - 30.0) < 1e-9  # equal top two: converges from the first step on
 
 
 def test_coupled_newton_counts_its_matmul_flops():

@@ -31,7 +31,12 @@ from optimkit.engine import (
     lr_hyper,
     weight_decay_hyper,
 )
-from optimkit.linalg import inverse_root_coupled_newton, inverse_root_eigh
+from optimkit.linalg import (
+    accumulate_gram_,
+    inverse_root_coupled_newton,
+    inverse_root_eigh,
+    matmul_accumulate_,
+)
 from optimkit.optimizers._refresh import RefreshCounts
 from optimkit.registry import REFERENCE_SHAPES, Paper, register
 
@@ -72,10 +77,16 @@ def block_slices(shape: tuple[int, ...], block_size: int) -> list[tuple[slice, .
     return [tuple(index) for index in itertools.product(*per_dim)]
 
 
-def block_gram(block: Tensor, dim: int) -> Tensor:
-    """:math:`G_{(i)} G_{(i)}^T`: ``block`` contracted with itself over all axes but ``dim``."""
-    unfolded = torch.movedim(block, dim, 0).reshape(block.shape[dim], -1)
-    return unfolded @ unfolded.T
+def _statistics_weight(beta2: float) -> float:
+    """The gradient's weight in the statistics: 1 (AdaGrad sums) for ``beta2 == 1``, else
+    ``1 - beta2`` (an exponential moving average), as in the authors' code."""
+    return 1.0 if beta2 == 1.0 else 1.0 - beta2
+
+
+def _global_precision() -> str:
+    """The statistics' products follow torch's global TF32 switch, like every other product
+    of this Shampoo (``torch.backends.cuda.matmul.allow_tf32``; off by default)."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
 
 
 @dataclass
@@ -286,9 +297,9 @@ class Shampoo(RefreshCounts, Optimizer):
 
     def update_block_statistics(self, block: Tensor, stats: list[Tensor], beta2: float) -> None:
         """Accumulate one block's per-axis statistics (independent of every other block)."""
-        weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
+        weight, precision = _statistics_weight(beta2), _global_precision()
         for i, stat in enumerate(stats):
-            stat.mul_(beta2).add_(block_gram(block, i), alpha=weight)
+            accumulate_gram_(stat, block, i, beta2, weight, precision)
 
     def compute_block_roots(
         self, stats: Tensor, exponent: int, hp: Mapping
@@ -378,9 +389,10 @@ class Shampoo(RefreshCounts, Optimizer):
     ) -> None:
         """:meth:`update_block_statistics` for every block of a matrix at once (batched
         ``G G^T`` and ``G^T G``)."""
-        weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
-        packed.stats[0].mul_(beta2).add_(blocks @ blocks.transpose(1, 2), alpha=weight)
-        packed.stats[1].mul_(beta2).add_(blocks.transpose(1, 2) @ blocks, alpha=weight)
+        weight, precision = _statistics_weight(beta2), _global_precision()
+        transposed = blocks.transpose(1, 2)
+        matmul_accumulate_(packed.stats[0], blocks, transposed, beta2, weight, precision)
+        matmul_accumulate_(packed.stats[1], transposed, blocks, beta2, weight, precision)
 
     def _packed(
         self, p: Tensor, state: dict, work: tuple[int, ...], hp: Mapping

@@ -30,16 +30,16 @@ from optimkit.engine import (
 from optimkit.linalg import (
     MATMUL_PRECISIONS,
     QR_METHODS,
+    accumulate_gram_,
     eigenbasis_eigh,
     eigenbasis_power_qr,
     matmul,
-    matmul_accumulate_,
 )
 from optimkit.optimizers._refresh import RefreshCounts
 from optimkit.optimizers.adam import adam_moments_
 from optimkit.registry import REFERENCE_SHAPES, Paper, register
 
-__all__ = ["SOAP", "soap_merged_shape", "mode_product", "accumulate_gram_"]
+__all__ = ["SOAP", "soap_merged_shape", "mode_product"]
 
 
 def soap_merged_shape(shape: tuple[int, ...], max_precond_dim: int) -> tuple[int, ...]:
@@ -69,16 +69,6 @@ def mode_product(x: Tensor, matrix: Tensor, dim: int, precision: str = "fp32") -
     moved = torch.movedim(x, dim, -1)
     product = matmul(moved.reshape(-1, moved.shape[-1]), matrix, precision)
     return torch.movedim(product.reshape(*moved.shape[:-1], matrix.shape[1]), -1, dim)
-
-
-def accumulate_gram_(
-    statistic: Tensor, x: Tensor, dim: int, beta: float, precision: str = "fp32"
-) -> Tensor:
-    r""":math:`S \leftarrow \beta S + (1-\beta) X_{(k)} X_{(k)}^\top` in place (the authors'
-    ``lerp`` of the statistic towards the Gram matrix of the mode-``dim`` unfolding), one GEMM
-    on CUDA (:func:`optimkit.linalg.matmul_accumulate_`)."""
-    unfolded = torch.movedim(x, dim, 0).reshape(x.shape[dim], -1)
-    return matmul_accumulate_(statistic, unfolded, unfolded.T, beta, 1 - beta, precision)
 
 
 @register(
@@ -309,7 +299,9 @@ class SOAP(RefreshCounts, Optimizer):
             g = grad.reshape(shape)
             if s == 0:  # first call: initialise the preconditioner only
                 for k in axes:
-                    accumulate_gram_(state[f"GG{k}"], g, k, shampoo_beta, precision)
+                    accumulate_gram_(
+                        state[f"GG{k}"], g, k, shampoo_beta, 1 - shampoo_beta, precision
+                    )
                     requests.setdefault((shape[k], "eigh"), []).append((state, k, shape))
                 continue
             grad_projected = self._project(grad, state, shape, False, precision)
@@ -326,7 +318,7 @@ class SOAP(RefreshCounts, Optimizer):
             self._apply(p, norm_grad, step_size, hp["lr"] * hp["weight_decay"])
             # update_preconditioner: statistics, then (every f steps) a new basis
             for k in axes:
-                accumulate_gram_(state[f"GG{k}"], g, k, shampoo_beta, precision)
+                accumulate_gram_(state[f"GG{k}"], g, k, shampoo_beta, 1 - shampoo_beta, precision)
             if s % hp["precondition_frequency"] == 0 and axes:
                 rotations.append((p, state, self._project(exp_avg, state, shape, True, precision)))
                 for k in axes:

@@ -329,7 +329,7 @@ def test_qr_methods_match_the_reference(monkeypatch, block, dtype, tol):
 def test_accumulate_gram_is_the_authors_lerp(dim):
     """S <- beta S + (1 - beta) X_(k) X_(k)^T, in place: the authors'
     ``GG.lerp_(X_(k) X_(k)^T, 1 - beta)`` for each mode k of a 3-D tensor."""
-    from optimkit.optimizers.soap import accumulate_gram_
+    from optimkit.linalg import accumulate_gram_
 
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)
@@ -337,6 +337,6 @@ def test_accumulate_gram_is_the_authors_lerp(dim):
     statistic = torch.randn(n, n, generator=gen, dtype=torch.float64)
     unfolded = torch.movedim(x, dim, 0).reshape(n, -1)
     expected = statistic.lerp(unfolded @ unfolded.T, 1 - 0.95)
-    result = accumulate_gram_(statistic, x, dim, 0.95)
+    result = accumulate_gram_(statistic, x, dim, 0.95, 1 - 0.95)
     assert result is statistic
     torch.testing.assert_close(statistic, expected, rtol=1e-13, atol=1e-13)
