@@ -164,3 +164,43 @@ def test_speed_matrix_configured_optimizers_and_precisions(tmp_path):
     assert all(r["share_of_training_step"] > 0 for r in rows)
     with pytest.raises(SystemExit):
         speed_matrix.main([*argv, "--optimizers", "AdamW"])
+
+
+def test_speed_matrix_reports_a_peer_it_cannot_import(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from optimkit.lab import speed_matrix
+
+    monkeypatch.setitem(sys.modules, "pytorch_optimizer", None)  # import raises ImportError
+    out = tmp_path / "matrix.json"
+    argv = ["--size", "tiny", "--device", "cpu", "--steps", "1", "--out", str(out)]
+    assert speed_matrix.main([*argv, "--optimizers", "Muon", "--peers"]) == 0
+    assert "pytorch_optimizer cannot be imported" in capsys.readouterr().out
+    assert [r["optimizer"] for r in json.loads(out.read_text())["results"]] == ["Muon"]
+
+
+def test_speed_matrix_warms_up_before_timing(tmp_path, monkeypatch):
+    """The timed steps follow --warmup untimed ones (default: one period of --steps), so the
+    timed refresh is not the first one; bad counts are refused by name."""
+    from optimkit.lab import speed_matrix
+
+    calls = []
+    real_step = optimkit.Muon.step
+
+    def counting_step(self, *args, **kwargs):
+        calls.append(1)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(optimkit.Muon, "step", counting_step)
+    out = tmp_path / "matrix.json"
+    argv = ["--size", "tiny", "--device", "cpu", "--steps", "3", "--out", str(out)]
+    assert speed_matrix.main([*argv, "--optimizers", "Muon"]) == 0
+    assert len(calls) == 1 + 3 + 3  # first, warm-up, timed
+    payload = json.loads(out.read_text())
+    assert (payload["timed_steps"], payload["warmup_steps"]) == (3, 3)
+    calls.clear()
+    assert speed_matrix.main([*argv, "--optimizers", "Muon", "--warmup", "0"]) == 0
+    assert len(calls) == 1 + 3
+    for bad in (["--warmup", "-1"], ["--steps", "0"]):
+        with pytest.raises(SystemExit):
+            speed_matrix.main([*argv, "--optimizers", "Muon", *bad])

@@ -8,8 +8,11 @@ process for the precision each uses. Factorisations (``eigh``, QR) do not run at
 rate; their matmul-equivalent FLOPs (4/3 n^3 for a QR) are counted, ``eigh`` is not (it is in
 the time but not in the floor), so the ratio time / floor is an upper bound on the overhead.
 Every step gets a fresh random gradient (drawn outside the timed region), so that the
-statistics are full-rank as in training; ``refresh_counts`` in the JSON output report the
-refreshes whose Cholesky QR fell back to Householder's.
+statistics are full-rank as in training. The timed period (``--steps``, one refresh
+period) follows an untimed one (``--warmup``), so that the refresh it times is a training
+run's usual one, not the first, which allocates its buffers and loads its kernels.
+``refresh_counts`` in the JSON output report the refreshes whose Cholesky QR fell back to
+Householder's.
 """
 
 from __future__ import annotations
@@ -140,9 +143,12 @@ def _time(
     device: torch.device,
     steps: int,
     params: Sequence[torch.Tensor] = (),
+    warmup: int = 0,
 ) -> tuple[float, list]:
-    """``(first step's seconds, the next steps' seconds)``; ``params`` get new gradients
-    before every step."""
+    """``(first step's seconds, the timed steps' seconds)``: after the first step,
+    ``warmup`` untimed steps (with one refresh period of them, the timed refresh is not the
+    first one, which allocates its buffers and loads its kernels), then ``steps`` timed ones.
+    ``params`` get new gradients before every step."""
     generator = torch.Generator(device=device).manual_seed(1)
     _new_gradients(params, generator)
     _sync(device)
@@ -150,6 +156,10 @@ def _time(
     opt.step()  # initialises statistics and bases
     _sync(device)
     first = time.perf_counter() - start
+    for _ in range(warmup):
+        _new_gradients(params, generator)
+        opt.step()
+    _sync(device)
     counts = getattr(opt, "refresh_counts", None)  # optimkit's matrix optimizers only
     if counts is not None:
         counts.clear()  # count the timed steps only
@@ -165,11 +175,13 @@ def _time(
 
 
 def _peers(device: torch.device) -> dict[str, Any]:
-    """Other libraries' implementations to time on the same list, where installed."""
+    """Other libraries' implementations to time on the same list, where installed (a peer
+    that cannot be imported is reported, not silently left out)."""
     peers: dict[str, Any] = {}
     try:
         import pytorch_optimizer
-    except ImportError:
+    except ImportError as error:
+        print(f"--peers: pytorch_optimizer cannot be imported ({error}); no peer timed")
         return peers
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as package_version
@@ -207,10 +219,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--steps", type=int, default=10, help="timed steps (one refresh period)")
     parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed steps after the first (default: --steps, one refresh period)",
+    )
+    parser.add_argument(
         "--peers", action="store_true", help="also time pytorch_optimizer's SOAP, if installed"
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    warmup = args.steps if args.warmup is None else args.warmup
+    if warmup < 0:
+        parser.error(f"--warmup must be 0 or more, got {warmup}")
     device = torch.device(args.device)
     size = args.size or ("gpu" if device.type == "cuda" else "tiny")
     shapes = llama_shapes() if size == "gpu" else shapes_for("tiny")
@@ -235,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     params = _make_params(shapes, device)
     baseline = torch.optim.AdamW(params, fused=device.type == "cuda")
-    _, times = _time(baseline, device, args.steps, params)
+    _, times = _time(baseline, device, args.steps, params, warmup)
     adamw_ms = 1e3 * sum(times) / len(times)
     del baseline, params
 
@@ -261,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         params = _make_params(shapes, device)
         try:
             opt = make(params)
-            first, times = _time(opt, device, args.steps, params)
+            first, times = _time(opt, device, args.steps, params, warmup)
         except Exception as error:  # a peer may fail on this list: report it, go on
             rows.append({"optimizer": label, "error": f"{type(error).__name__}: {error}"})
             print(f"{label}: {rows[-1]['error']}")
@@ -312,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "matmul_flops_per_s": rates,
                     "training_step_ms": training_ms,
                     "torch_adamw_ms": adamw_ms,
+                    "timed_steps": args.steps,
+                    "warmup_steps": warmup,
                     "results": rows,
                 },
                 indent=2,
