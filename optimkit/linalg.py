@@ -87,9 +87,13 @@ def matmul_accumulate_(
 ) -> Tensor:
     """``out = beta * out + alpha * (a @ b)`` in place, the product at ``precision``
     (:func:`matmul`); on CUDA one GEMM that reads and writes ``out`` in its epilogue
-    (``addmm_`` / ``baddbmm_``), with no temporary product. ``out`` may be a strided view."""
+    (``addmm_`` / ``baddbmm_``), with no temporary product. ``out`` may be a strided view;
+    with ``beta == 0`` it is not read (it may hold garbage, as BLAS allows)."""
     if not a.is_cuda or out.dim() not in (2, 3):
-        return out.mul_(beta).add_(matmul(a, b, precision), alpha=alpha)
+        product = matmul(a, b, precision)
+        if beta == 0:  # as BLAS: ``out`` is not read (a NaN in it is not propagated)
+            return out.copy_(product if alpha == 1 else product.mul_(alpha))
+        return out.mul_(beta).add_(product, alpha=alpha)
     with _tf32(precision == "tf32" and a.dtype == torch.float32):
         if out.dim() == 2:
             return out.addmm_(a, b, beta=beta, alpha=alpha)
@@ -151,15 +155,28 @@ def _orthogonality_tolerance(dtype: torch.dtype, precision: str) -> float:
     return 2e-2 if precision == "tf32" else 1e-4
 
 
+def _gram_upper(y: Tensor, precision: str, block: int) -> Tensor:
+    r""":math:`Y^\top Y` on and above its diagonal blocks of ``block`` columns, by block rows
+    (half the products of the full matrix); the blocks below are left unset."""
+    n = y.size(-1)
+    gram = y.new_empty(*y.shape[:-2], n, n)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        row = gram[..., start:stop, start:]
+        matmul_accumulate_(row, y[..., start:stop].mT, y[..., start:], 0.0, 1.0, precision)
+    return gram
+
+
 def _blocked_cholesky_(
     gram: Tensor, precision: str, block: int
 ) -> tuple[list[Tensor], list[Tensor], Tensor]:
     r"""Upper Cholesky factor :math:`C = R^\top R` of a stack, right-looking by blocks of
     ``block`` columns: the diagonal blocks by ``torch.linalg.cholesky_ex``, the panels and the
-    trailing updates by matrix products at ``precision``. ``gram`` is overwritten (it holds
-    the trailing matrices). Returns ``(panels, inverses, ok)``: the off-diagonal block rows
-    :math:`R_{j, j+1:}`, the inverses of the diagonal blocks :math:`R_{jj}^{-1}`, and ``ok``,
-    False where a diagonal block was not positive definite."""
+    trailing updates by matrix products at ``precision``. Only the diagonal blocks and those
+    above them are read and updated (:func:`_gram_upper`'s part). ``gram`` is overwritten (it
+    holds the trailing matrices). Returns ``(panels, inverses, ok)``: the off-diagonal block
+    rows :math:`R_{j, j+1:}`, the inverses of the diagonal blocks :math:`R_{jj}^{-1}`, and
+    ``ok``, False where a diagonal block was not positive definite."""
     n = gram.size(-1)
     ok = torch.ones(gram.shape[:-2], dtype=torch.bool, device=gram.device)
     panels, inverses = [], []
@@ -173,7 +190,16 @@ def _blocked_cholesky_(
         if stop < n:
             panel = matmul(inverse.mT, gram[..., start:stop, stop:], precision)
             panels.append(panel)
-            matmul_accumulate_(gram[..., stop:, stop:], panel.mT, panel, 1.0, -1.0, precision)
+            for row in range(stop, n, block):  # trailing -= panel^T panel, upper blocks
+                end, offset = min(row + block, n), row - stop
+                matmul_accumulate_(
+                    gram[..., row:end, row:],
+                    panel[..., offset : offset + end - row].mT,
+                    panel[..., offset:],
+                    1.0,
+                    -1.0,
+                    precision,
+                )
     return panels, inverses, ok
 
 
@@ -196,7 +222,7 @@ def _solve_upper_right_(
 def _cholesky_qr_pass_(y: Tensor, precision: str, block: int) -> tuple[Tensor, Tensor]:
     """One CholeskyQR pass, overwriting ``y`` with :math:`Y R^{-1}`, :math:`R^\top R = Y^\top
     Y`. Returns ``(y, ok)``."""
-    panels, inverses, ok = _blocked_cholesky_(matmul(y.mT, y, precision), precision, block)
+    panels, inverses, ok = _blocked_cholesky_(_gram_upper(y, precision, block), precision, block)
     return _solve_upper_right_(y, panels, inverses, precision, block), ok
 
 

@@ -230,6 +230,39 @@ def test_cholesky_qr2_is_householders_q_up_to_signs(block):
     assert (q_tf32.mT @ q_tf32 - torch.eye(13)).abs().amax() < 2e-2
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_blocked_cholesky_reads_only_the_upper_blocks(device):
+    """_gram_upper computes Y^T Y on and above its diagonal blocks; _blocked_cholesky_ reads
+    nothing below them (NaN there changes nothing) and its panels and inverted diagonal
+    blocks make torch's Cholesky factor; matmul_accumulate_ with beta 0 ignores a NaN out."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    from optimkit.linalg import _blocked_cholesky_, _gram_upper, matmul_accumulate_
+
+    gen = torch.Generator().manual_seed(5)
+    y = torch.randn(2, 11, 11, generator=gen, dtype=torch.float64).to(device)
+    gram = _gram_upper(y, "fp32", 4)
+    full = y.mT @ y
+    blocks = torch.arange(11, device=device) // 4
+    upper = blocks[:, None] <= blocks[None, :]
+    torch.testing.assert_close(gram[:, upper], full[:, upper])
+    gram[:, ~upper] = float("nan")
+    panels, inverses, ok = _blocked_cholesky_(gram, "fp32", 4)
+    factor = torch.linalg.cholesky(full, upper=True)
+    assert ok.all() and len(panels) == 2 and len(inverses) == 3
+    for index, start in enumerate(range(0, 11, 4)):
+        stop = min(start + 4, 11)
+        diagonal = factor[:, start:stop, start:stop]
+        eye = torch.eye(stop - start).to(full).expand_as(diagonal)
+        torch.testing.assert_close(inverses[index] @ diagonal, eye)
+        if stop < 11:
+            torch.testing.assert_close(panels[index], factor[:, start:stop, stop:])
+    out = torch.full((3, 3), float("nan"), dtype=torch.float64, device=device)
+    a = torch.randn(3, 2, generator=gen, dtype=torch.float64).to(device)
+    matmul_accumulate_(out, a, a.T, 0.0, 2.0)
+    torch.testing.assert_close(out, 2 * a @ a.T)
+
+
 def test_cholesky_qr2_flags_what_it_cannot_factor():
     """A zero column or a NaN cannot be factored and is flagged; a rank-deficient matrix is
     either flagged or (rounding made its Gram matrix definite) given a valid Q factor:
