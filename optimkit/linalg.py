@@ -52,8 +52,9 @@ __all__ = [
 MATMUL_PRECISIONS = ("fp32", "tf32")
 #: methods of :func:`eigenbasis_power_qr`'s QR.
 QR_METHODS = ("cholesky", "householder")
-#: block size of :func:`cholesky_qr2`'s blocked Cholesky factorisation and triangular solve.
-CHOLESKY_BLOCK = 512
+#: block size of :func:`cholesky_qr2`'s blocked Cholesky factorisation and triangular solve
+#: (H200, TF32: 256 is as fast as 512 on 5504-column matrices and 18% faster on 2048).
+CHOLESKY_BLOCK = 256
 _QR_STREAMS = 4
 
 #: quintic Newton-Schulz coefficients (a, b, c) of Muon (K. Jordan's reference ``muon.py``).
@@ -426,24 +427,29 @@ def inverse_root_coupled_newton(
     z = (1 + root) / (2 * torch.linalg.matrix_norm(mat))
     x = identity * z.pow(1.0 / root)[..., None, None]
     m = mat * z[..., None, None]
-    error = (m - identity).abs().amax((-2, -1))
+    error = (m - identity).abs_().amax((-2, -1))
     active = error > tolerance
     alpha = -1.0 / root
     rounds = 0
-    for _ in range(iterations):
-        if not bool(active.any()):
-            break
+    running = bool(active.any())
+    while running and rounds < iterations:
         rounds += 1
-        t = (1 - alpha) * identity + alpha * m
+        t = m * alpha
+        t.diagonal(dim1=-2, dim2=-1).add_(1 - alpha)  # (1 - alpha) I + alpha M
         new_x = x @ t
         new_m = torch.linalg.matrix_power(t, root) @ m
-        new_error = (new_m - identity).abs().amax((-2, -1))
+        del t
+        new_error = (new_m - identity).abs_().amax((-2, -1))
         accept = active & ~(new_error > error * 1.2)
-        keep = accept[..., None, None]
-        x = torch.where(keep, new_x, x)
-        m = torch.where(keep, new_m, m)
         error = torch.where(accept, new_error, error)
         active = accept & (error > tolerance)
+        everyone, running = torch.stack((accept.all(), active.any())).tolist()  # one read
+        if everyone:  # the usual round: no selection pass over the stack
+            x, m = new_x, new_m
+        else:
+            keep = accept[..., None, None]
+            x = torch.where(keep, new_x, x)
+            m = torch.where(keep, new_m, m)
     ok = torch.isfinite(z) & (z > 0) & all_finite(x)
     if counts is not None:
         # per round: x @ t, matrix_power(t, root) (binary powering), and its product with m
