@@ -212,8 +212,8 @@ class Shampoo(RefreshCounts, Optimizer):
     ``root_method="newton"`` (the authors' iteration: batched matrix products) is far faster
     than ``"eigh"`` (torch's batched ``eigh`` of 128 x 128 matrices runs one matrix at a time).
     One NVIDIA H200, ``optimkit bench speed-matrix`` on a 0.6 B transformer-shaped list with
-    ``root_method="newton"``, roots every 10 steps: 118 ms/step (median 48 ms, the refresh step
-    0.74 s), 4.3x the fp32 matmul work it runs (statistics, preconditioning and the roots'
+    ``root_method="newton"``, roots every 10 steps: 99 ms/step (median 46 ms, the refresh step
+    0.57 s), 3.6x the fp32 matmul work it runs (statistics, preconditioning and the roots'
     products, counted in ``opt.refresh_counts["root_matmul_flops"]``).
     """
 

@@ -155,10 +155,9 @@ class SOAP(RefreshCounts, Optimizer):
     QR factorisations run over a few CUDA streams (:func:`optimkit.linalg.batched_qr`).
 
     Speed (one NVIDIA H200, ``optimkit bench speed-matrix``, a 0.6 B transformer-shaped list,
-    frequency 10, fresh gradients every step; two runs): TF32 180-206 ms/step (median 103 ms,
-    the refresh step 0.8-1.0 s; with ``qr_method="householder"`` 296-303 ms/step, refresh
-    2.0-2.1 s), fp32 675-677 ms/step (1.29-1.30x its fp32 matmul floor); pytorch_optimizer
-    4.1.0's SOAP 991-993 ms/step in the same runs.
+    frequency 10, fresh gradients every step, a warm refresh timed): TF32 142 ms/step (median
+    100 ms, the refresh step 0.51 s; 1.97x its TF32 matmul floor), fp32 634 ms/step (1.18x its
+    fp32 floor); pytorch_optimizer 4.1.0's SOAP 991 ms/step in the same run.
     """
 
     hyperparams = {
