@@ -333,7 +333,7 @@ class SOAP(RefreshCounts, Optimizer):
         work = p if p.dtype == update.dtype else p.to(update.dtype)
         work.add_(update, alpha=-step_size)
         if decay > 0.0:
-            work.mul_(1 - decay)
+            work.add_(work, alpha=-decay)  # the authors' p.add_(p, alpha=-lr * wd)
         if work is not p:
             p.copy_(work)
 
