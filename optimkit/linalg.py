@@ -106,9 +106,16 @@ def accumulate_gram_(
 ) -> Tensor:
     r""":math:`S \leftarrow \beta S + w\,X_{(k)} X_{(k)}^\top` in place, where
     :math:`X_{(k)}` is the mode-``dim`` unfolding of ``x`` (the Kronecker-factor statistic of
-    Shampoo and SOAP); one GEMM on CUDA (:func:`matmul_accumulate_`)."""
-    unfolded = torch.movedim(x, dim, 0).reshape(x.shape[dim], -1)
-    return matmul_accumulate_(statistic, unfolded, unfolded.T, beta, weight, precision)
+    Shampoo and SOAP); one GEMM on CUDA (:func:`matmul_accumulate_`). A stack of statistics
+    ``(b, n, n)`` takes ``x`` of shape ``(b, ...)``, ``dim`` counting the axes of ``x[j]``: one
+    batched GEMM. The unfolding is a view of ``x`` (no copy) for its first and last axis."""
+    batch = statistic.dim() - 2
+    if batch and len(statistic) == 1:  # a stack of one: the plain product (the same rounding)
+        accumulate_gram_(statistic[0], x[0], dim, beta, weight, precision)
+        return statistic
+    axis = dim + batch
+    unfolded = torch.movedim(x, axis, batch).reshape(*x.shape[:batch], x.shape[axis], -1)
+    return matmul_accumulate_(statistic, unfolded, unfolded.mT, beta, weight, precision)
 
 
 class _tf32:

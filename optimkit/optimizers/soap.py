@@ -8,8 +8,11 @@ Authors' code: github.com/nikhilvyas/SOAP ``soap.py`` (HEAD a1e5535, with the De
 
 from __future__ import annotations
 
+import math
+import operator
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -65,10 +68,112 @@ def soap_merged_shape(shape: tuple[int, ...], max_precond_dim: int) -> tuple[int
 def mode_product(x: Tensor, matrix: Tensor, dim: int, precision: str = "fp32") -> Tensor:
     r"""Contract axis ``dim`` of ``x`` with the rows of ``matrix``:
     :math:`y_{\dots a \dots} = \sum_i x_{\dots i \dots} M_{ia}`, keeping the axis order
-    (a matrix product at ``precision``, see :func:`optimkit.linalg.matmul`)."""
-    moved = torch.movedim(x, dim, -1)
-    product = matmul(moved.reshape(-1, moved.shape[-1]), matrix, precision)
-    return torch.movedim(product.reshape(*moved.shape[:-1], matrix.shape[1]), -1, dim)
+    (a matrix product at ``precision``, see :func:`optimkit.linalg.matmul`).
+
+    ``matrix`` may be a stack ``(b, n, m)``: then ``x`` is ``(b, ...)``, ``x[j]`` is contracted
+    with ``matrix[j]`` (one batched product) and ``dim`` counts the axes of ``x[j]``. The first
+    and the last axis are contracted without moving ``x``'s data (:math:`M^\top X` and
+    :math:`X M` on its unfoldings); a middle axis is moved last and back."""
+    batch = matrix.dim() - 2
+    if batch and len(matrix) == 1:  # a stack of one: the plain product (the same rounding)
+        return mode_product(x[0], matrix[0], dim, precision).unsqueeze(0)
+    axis = dim + batch
+    head, size, out = x.shape[:batch], x.shape[axis], matrix.shape[-1]
+    lead = math.prod(x.shape[batch:axis])
+    trail = math.prod(x.shape[axis + 1 :])
+    out_shape = (*x.shape[:axis], out, *x.shape[axis + 1 :])
+    if trail == 1:
+        return matmul(x.reshape(*head, lead, size), matrix, precision).reshape(out_shape)
+    if lead == 1:
+        return matmul(matrix.mT, x.reshape(*head, size, trail), precision).reshape(out_shape)
+    moved = torch.movedim(x, axis, -1)
+    product = matmul(moved.reshape(*head, -1, size), matrix, precision)
+    return torch.movedim(product.reshape(*moved.shape[:-1], out), -1, axis)
+
+
+BUCKET_NUMEL = 1 << 26
+"""Most elements of the same-shaped parameters that one step batches together (a bucket):
+bounds each temporary of a bucket's step (256 MB in fp32)."""
+
+
+def _chunks(params: list[Tensor], numel: int) -> list[list[Tensor]]:
+    size = max(1, BUCKET_NUMEL // max(numel, 1))
+    return [params[i : i + size] for i in range(0, len(params), size)]
+
+
+def _concat(stacks: list[Tensor]) -> Tensor:
+    return stacks[0] if len(stacks) == 1 else torch.cat(stacks)
+
+
+def _state_keys(axes: tuple[int, ...]) -> list[str]:
+    return ["exp_avg", "exp_avg_sq", *(f"{kind}{k}" for k in axes for kind in ("GG", "Q"))]
+
+
+@dataclass
+class _Bucket:
+    """Same-shaped parameters of a group, stepped together: their state entries
+    (``exp_avg``, ``exp_avg_sq``, ``GG{k}``, ``Q{k}``) stay separate per parameter (checkpoints
+    are unchanged) but are views of ``(members, ...)`` stacks, so that each matrix product of a
+    step is one batched product over the bucket, not a Python loop over its parameters."""
+
+    params: tuple[Tensor, ...]
+    states: tuple[dict, ...]
+    shape: tuple[int, ...]  # the work (merged) shape of each member
+    axes: tuple[int, ...]  # its preconditioned axes
+    stacks: dict[str, Tensor]
+    views: tuple[tuple[dict, str, Tensor], ...]  # (state, key, entry): to notice a replaced one
+
+    @classmethod
+    def of(cls, params, states, shape, axes, stacks: dict[str, Tensor]) -> _Bucket:
+        views = tuple((state, key, state[key]) for state in states for key in stacks)
+        return cls(tuple(params), tuple(states), shape, axes, stacks, views)
+
+    @classmethod
+    def single(cls, p: Tensor, state: dict, shape, axes) -> _Bucket:
+        """One parameter: stacks of one, views of its own state entries."""
+        stacks = {}
+        for key in _state_keys(axes):
+            if not state[key].is_contiguous():  # e.g. a checkpoint saved a strided entry
+                state[key] = state[key].contiguous()
+            stacks[key] = state[key].unsqueeze(0)
+        return cls((p,), (state,), shape, axes, stacks, ())
+
+    def valid(self, states: list[dict]) -> bool:
+        """Whether ``states`` (the members' current state dicts) are still this bucket's."""
+        return all(map(operator.is_, self.states, states)) and all(
+            state.get(key) is entry for state, key, entry in self.views
+        )
+
+    def exp_avg(self) -> Tensor:
+        return self.stacks["exp_avg"].view(len(self.params), *self.shape)
+
+    def exp_avg_sq(self) -> Tensor:
+        return self.stacks["exp_avg_sq"].view(len(self.params), *self.shape)
+
+    def project(self, x: Tensor, back: bool, precision: str) -> Tensor:
+        """Each member's slice of ``x`` ``(members, *shape)`` into its eigenbasis
+        (:math:`Q_L^\top G Q_R`), or back (:math:`Q_L N Q_R^\top`)."""
+        for k in self.axes:
+            q = self.stacks[f"Q{k}"]
+            x = mode_product(x, q.mT if back else q, k, precision)
+        return x
+
+
+def _apply(params: tuple[Tensor, ...], updates: Tensor, step_size: float, decay: float) -> None:
+    r""":math:`W \leftarrow W - s N`, then :math:`W \leftarrow W - \eta\lambda W` (the
+    authors' ``p.add_(p, alpha=-lr * wd)``), for each member and its slice of ``updates``."""
+    slices = [u.reshape(p.shape) for p, u in zip(params, updates.unbind(0))]
+    if all(p.dtype == updates.dtype for p in params):
+        torch._foreach_add_(list(params), slices, alpha=-step_size)
+        if decay > 0.0:
+            torch._foreach_add_(list(params), list(params), alpha=-decay)
+        return
+    for p, update in zip(params, slices):  # bf16/fp16 weights, fp32 state
+        work = p.to(update.dtype)
+        work.add_(update, alpha=-step_size)
+        if decay > 0.0:
+            work.add_(work, alpha=-decay)
+        p.copy_(work)
 
 
 @register(
@@ -126,8 +231,13 @@ class SOAP(RefreshCounts, Optimizer):
     forth every step, an identity for orthogonal :math:`Q`); (2) statistics, bases and moments
     are kept in fp32 for bf16/fp16 parameters (fp64 for fp64; the authors' statistics are
     always fp32, their moments in the gradient's dtype); (3) same-sized eigenproblems of a group
-    are solved in one batched call; (4) a failed or non-finite ``eigh``/QR keeps the previous
-    basis (identity at first), warns once and is counted in ``state["root_failures"]``;
+    are solved in one batched call, and same-shaped parameters of a group (at the same step)
+    are stepped together as a bucket: their state entries stay separate per parameter (the
+    checkpoint format is unchanged) but are views of ``(members, ...)`` stacks, so every
+    product of the step is one batched product (buckets of at most :data:`BUCKET_NUMEL`
+    elements; a loaded or replaced entry is restacked on the next step); (4) a failed or
+    non-finite ``eigh``/QR keeps the previous basis (identity at first), warns once and is
+    counted in ``state["root_failures"]``;
     (5) ``data_format="channels_last"`` is not offered (channels-first only); (6) ties in the
     estimated eigenvalues are ordered by a stable sort; (7) by default (``qr_method=
     "cholesky"``) the refresh's QR is computed from matrix products by CholeskyQR2
@@ -155,9 +265,11 @@ class SOAP(RefreshCounts, Optimizer):
     QR factorisations run over a few CUDA streams (:func:`optimkit.linalg.batched_qr`).
 
     Speed (one NVIDIA H200, ``optimkit bench speed-matrix``, a 0.6 B transformer-shaped list,
-    frequency 10, fresh gradients every step, a warm refresh timed): TF32 142 ms/step (median
-    100 ms, the refresh step 0.51 s; 1.97x its TF32 matmul floor), fp32 634 ms/step (1.18x its
-    fp32 floor); pytorch_optimizer 4.1.0's SOAP 991 ms/step in the same run.
+    frequency 10, fresh gradients every step, a warm refresh timed; measured before the
+    buckets of same-shaped parameters, which are not yet measured on a GPU): TF32 142
+    ms/step (median 100 ms, the refresh step 0.51 s; 1.97x its TF32 matmul floor), fp32 634
+    ms/step (1.18x its fp32 floor); pytorch_optimizer 4.1.0's SOAP 991 ms/step in the same
+    run.
     """
 
     hyperparams = {
@@ -235,16 +347,6 @@ class SOAP(RefreshCounts, Optimizer):
     def _axes(state: Mapping[str, Any], rank: int) -> list[int]:
         return [k for k in range(rank) if f"Q{k}" in state]
 
-    def _project(
-        self, x: Tensor, state: Mapping, shape: tuple[int, ...], back: bool, precision: str
-    ) -> Tensor:
-        original = x.shape
-        x = x.reshape(shape)
-        for k in self._axes(state, len(shape)):
-            q = state[f"Q{k}"]
-            x = mode_product(x, q.T if back else q, k, precision)
-        return x.reshape(original)
-
     def state_dtype(self, key: str, param: Tensor) -> torch.dtype:
         """Statistics, bases and moments are kept in at least fp32, also for bf16 weights."""
         return torch.promote_types(param.dtype, torch.float32)
@@ -267,12 +369,9 @@ class SOAP(RefreshCounts, Optimizer):
 
     def _step_group(self, group: dict[str, Any]) -> None:
         hp = self.group_hyperparams(group)
-        precision = hp["matmul_precision"]
-        beta1, beta2 = hp["betas"]
-        shampoo_beta = hp["shampoo_beta"] if hp["shampoo_beta"] >= 0 else beta2
-        # eigenproblems to solve in batch: (size, kind) -> [(state, axis, work shape)]
-        requests: dict[tuple, list[tuple[Tensor, dict, int]]] = {}
-        rotations: list[tuple[Tensor, dict, Tensor]] = []
+        shampoo_beta = hp["shampoo_beta"] if hp["shampoo_beta"] >= 0 else hp["betas"][1]
+        new: dict[tuple, list[Tensor]] = {}
+        keyed: dict[tuple, list[Tensor]] = {}
         for p in group["params"]:
             grad = p.grad
             if grad is None:
@@ -281,61 +380,152 @@ class SOAP(RefreshCounts, Optimizer):
                 raise RuntimeError("SOAP does not support sparse gradients")
             state = self.state[p]
             dtype = torch.promote_types(p.dtype, torch.float32)
-            grad = (-grad if hp["maximize"] else grad).to(dtype)
             shape = self._work_shape(p, hp)
-            if "step" not in state:
+            fresh = "step" not in state
+            if fresh:
+                axes = tuple(self._preconditioned_axes(shape, hp))
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["root_failures"] = 0
-                state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
-                for k in self._preconditioned_axes(shape, hp):
-                    n = shape[k]
-                    state[f"GG{k}"] = torch.zeros(n, n, dtype=dtype, device=p.device)
-                    state[f"Q{k}"] = torch.eye(n, dtype=dtype, device=p.device)
+            else:
+                axes = tuple(self._axes(state, len(shape)))
             state["step"] += 1
             s = int(state["step"].item()) - 1  # the authors' step counter
-            axes = self._axes(state, len(shape))
-            g = grad.reshape(shape)
-            if s == 0:  # first call: initialise the preconditioner only
-                for k in axes:
-                    accumulate_gram_(
-                        state[f"GG{k}"], g, k, shampoo_beta, 1 - shampoo_beta, precision
-                    )
-                    requests.setdefault((shape[k], "eigh"), []).append((state, k, shape))
-                continue
-            grad_projected = self._project(grad, state, shape, False, precision)
-            exp_avg, exp_avg_sq = adam_moments_(state, grad_projected, beta1, beta2)
-            denom = exp_avg_sq.sqrt().add_(hp["eps"])
-            step_size = hp["lr"]
-            if hp["correct_bias"]:
-                step_size = step_size * (1 - beta2**s) ** 0.5 / (1 - beta1**s)
-            norm_grad = self._project(
-                torch.div(exp_avg, denom, out=denom), state, shape, True, precision
-            )
-            if hp["normalize_grads"]:
-                norm_grad = norm_grad / (1e-30 + norm_grad.square().mean().sqrt())
-            self._apply(p, norm_grad, step_size, hp["lr"] * hp["weight_decay"])
-            # update_preconditioner: statistics, then (every f steps) a new basis
-            for k in axes:
-                accumulate_gram_(state[f"GG{k}"], g, k, shampoo_beta, 1 - shampoo_beta, precision)
-            if s % hp["precondition_frequency"] == 0 and axes:
-                rotations.append((p, state, self._project(exp_avg, state, shape, True, precision)))
-                for k in axes:
-                    requests.setdefault((shape[k], "qr"), []).append((state, k, shape))
+            # parameters stepped together: same shapes and dtypes, and at the same step
+            key = (tuple(p.shape), shape, axes, dtype, p.dtype, grad.dtype, p.device)
+            if fresh:
+                new.setdefault(key, []).append(p)
+            keyed.setdefault((*key, s), []).append(p)
+        for (p_shape, shape, axes, dtype, *_, device), params in new.items():
+            for chunk in _chunks(params, math.prod(p_shape)):
+                self._new_bucket(chunk, shape, axes, dtype, device)
+        # eigenproblems to solve in batch: (size, kind) -> [(bucket, axis)]
+        requests: dict[tuple, list[tuple[_Bucket, int]]] = {}
+        rotations: list[tuple[_Bucket, Tensor]] = []
+        for (p_shape, shape, axes, dtype, *_, s), params in keyed.items():
+            for chunk in _chunks(params, math.prod(p_shape)):
+                bucket = self._bucket(chunk, shape, axes)
+                self._step_bucket(bucket, dtype, s, shampoo_beta, hp, requests, rotations)
+        precision = hp["matmul_precision"]
         self._refresh_bases(requests, precision, hp["qr_method"])
-        for p, state, exp_avg_original in rotations:
-            state["exp_avg"] = self._project(
-                exp_avg_original, state, self._work_shape(p, hp), False, precision
-            )
+        for bucket, exp_avg_original in rotations:
+            bucket.exp_avg().copy_(bucket.project(exp_avg_original, False, precision))
 
-    @staticmethod
-    def _apply(p: Tensor, update: Tensor, step_size: float, decay: float) -> None:
-        work = p if p.dtype == update.dtype else p.to(update.dtype)
-        work.add_(update, alpha=-step_size)
-        if decay > 0.0:
-            work.add_(work, alpha=-decay)  # the authors' p.add_(p, alpha=-lr * wd)
-        if work is not p:
-            p.copy_(work)
+    def _step_bucket(
+        self,
+        bucket: _Bucket,
+        dtype: torch.dtype,
+        s: int,
+        shampoo_beta: float,
+        hp: Mapping[str, Any],
+        requests: dict[tuple, list[tuple[_Bucket, int]]],
+        rotations: list[tuple[_Bucket, Tensor]],
+    ) -> None:
+        """One step of the bucket's parameters (all at the authors' step ``s``), every product
+        batched over the bucket."""
+        precision = hp["matmul_precision"]
+        beta1, beta2 = hp["betas"]
+        grads = [p.grad.reshape(bucket.shape) for p in bucket.params]
+        g = (grads[0].unsqueeze(0) if len(grads) == 1 else torch.stack(grads)).to(dtype)
+        if hp["maximize"]:
+            g = -g
+        if s == 0:  # first call: initialise the preconditioner only
+            for k in bucket.axes:
+                accumulate_gram_(
+                    bucket.stacks[f"GG{k}"], g, k, shampoo_beta, 1 - shampoo_beta, precision
+                )
+                requests.setdefault((bucket.shape[k], "eigh"), []).append((bucket, k))
+            return
+        moments = {"exp_avg": bucket.exp_avg(), "exp_avg_sq": bucket.exp_avg_sq()}
+        exp_avg, exp_avg_sq = adam_moments_(
+            moments, bucket.project(g, False, precision), beta1, beta2
+        )
+        denom = exp_avg_sq.sqrt().add_(hp["eps"])
+        step_size = hp["lr"]
+        if hp["correct_bias"]:
+            step_size = step_size * (1 - beta2**s) ** 0.5 / (1 - beta1**s)
+        norm_grad = bucket.project(torch.div(exp_avg, denom, out=denom), True, precision)
+        if hp["normalize_grads"]:
+            rms = norm_grad.square().reshape(len(norm_grad), -1).mean(1).sqrt()
+            norm_grad = norm_grad / (1e-30 + rms).reshape(-1, *[1] * len(bucket.shape))
+        _apply(bucket.params, norm_grad, step_size, hp["lr"] * hp["weight_decay"])
+        # update_preconditioner: statistics, then (every f steps) a new basis
+        for k in bucket.axes:
+            accumulate_gram_(
+                bucket.stacks[f"GG{k}"], g, k, shampoo_beta, 1 - shampoo_beta, precision
+            )
+        if s % hp["precondition_frequency"] == 0 and bucket.axes:
+            rotations.append((bucket, bucket.project(exp_avg, True, precision)))
+            for k in bucket.axes:
+                requests.setdefault((bucket.shape[k], "qr"), []).append((bucket, k))
+
+    def _new_bucket(
+        self,
+        params: list[Tensor],
+        shape: tuple[int, ...],
+        axes: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        """Fresh state of same-shaped parameters, allocated as the stacks of one bucket."""
+        count = len(params)
+        stacks = {
+            "exp_avg": torch.zeros(count, *params[0].shape, dtype=dtype, device=device),
+            "exp_avg_sq": torch.zeros(count, *params[0].shape, dtype=dtype, device=device),
+        }
+        for k in axes:
+            n = shape[k]
+            stacks[f"GG{k}"] = torch.zeros(count, n, n, dtype=dtype, device=device)
+            eye = torch.eye(n, dtype=dtype, device=device)
+            stacks[f"Q{k}"] = eye.expand(count, n, n).contiguous()
+        for i, p in enumerate(params):
+            state = self.state[p]
+            state["root_failures"] = 0
+            state.update({key: stack[i] for key, stack in stacks.items()})
+        if count > 1:
+            self._remember(_Bucket.of(params, [self.state[p] for p in params], shape, axes, stacks))
+
+    def _bucket(
+        self, params: list[Tensor], shape: tuple[int, ...], axes: tuple[int, ...]
+    ) -> _Bucket:
+        """The bucket of ``params``: the remembered one while every state entry is still its
+        view; else built by stacking the entries (after a checkpoint was loaded, or when the
+        members changed); one parameter alone is a bucket of one (views of its own state)."""
+        states = [self.state[p] for p in params]
+        if len(params) == 1:
+            return _Bucket.single(params[0], states[0], shape, axes)
+        cache: dict = self.__dict__.setdefault("_soap_buckets", {})
+        bucket = cache.get(tuple(map(id, params)))
+        if bucket is not None and bucket.valid(states):
+            return bucket
+        self._release(params)
+        stacks = {}
+        for key in _state_keys(axes):  # one entry at a time: the copy's temporary is one stack
+            stacks[key] = torch.stack([state[key] for state in states])
+            for i, state in enumerate(states):
+                state[key] = stacks[key][i]
+        bucket = _Bucket.of(params, states, shape, axes, stacks)
+        self._remember(bucket)
+        return bucket
+
+    def _remember(self, bucket: _Bucket) -> None:
+        cache: dict = self.__dict__.setdefault("_soap_buckets", {})
+        cache[tuple(map(id, bucket.params))] = bucket
+
+    def _release(self, params: list[Tensor]) -> None:
+        """Forget the remembered buckets that hold any of ``params``; their other members get
+        state of their own (copies), so that no stack outlives its bucket."""
+        cache: dict = self.__dict__.setdefault("_soap_buckets", {})
+        members = set(map(id, params))
+        for key in [key for key in cache if members.intersection(key)]:
+            old = cache.pop(key)
+            for p, state in zip(old.params, old.states):
+                if id(p) in members:
+                    continue
+                for name, stack in old.stacks.items():
+                    entry = state.get(name)
+                    if entry is not None and entry.untyped_storage().data_ptr() == (
+                        stack.untyped_storage().data_ptr()
+                    ):
+                        state[name] = entry.clone()
 
     def update_blocks(
         self,
@@ -355,20 +545,30 @@ class SOAP(RefreshCounts, Optimizer):
 
     def _refresh_bases(
         self,
-        requests: Mapping[tuple, list],
+        requests: Mapping[tuple, list[tuple[_Bucket, int]]],
         precision: str = "fp32",
         qr_method: str = "householder",
     ) -> None:
-        for (_, kind), items in requests.items():
-            stats = torch.stack([state[f"GG{k}"] for state, k, _ in items])
-            bases = torch.stack([state[f"Q{k}"] for state, k, _ in items])
+        for (_, kind), entries in requests.items():
+            stats = _concat([bucket.stacks[f"GG{k}"] for bucket, k in entries])
+            bases = _concat([bucket.stacks[f"Q{k}"] for bucket, k in entries])
             q, order, ok = self.update_blocks(kind, stats, bases, precision, qr_method)
-            ok_list = ok.tolist()
-            for i, (state, k, shape) in enumerate(items):
-                if not ok_list[i]:
-                    self._record_failures(state, 1)
-                    continue
-                state[f"Q{k}"] = q[i].clone()
-                if kind == "qr":
-                    v = state["exp_avg_sq"].reshape(shape).index_select(k, order[i])
-                    state["exp_avg_sq"] = v.reshape(state["exp_avg_sq"].shape).contiguous()
+            ok_list = ok.tolist()  # one host read per size
+            start = 0
+            for bucket, k in entries:
+                count = len(bucket.params)
+                good = ok_list[start : start + count]
+                target = bucket.stacks[f"Q{k}"]
+                if all(good):
+                    target.copy_(q[start : start + count])
+                exp_avg_sq = bucket.exp_avg_sq()
+                for i, state in enumerate(bucket.states):
+                    if not good[i]:
+                        self._record_failures(state, 1)
+                        continue
+                    if not all(good):
+                        target[i].copy_(q[start + i])
+                    if kind == "qr":  # exp_avg_sq follows the new order of the columns
+                        v = exp_avg_sq[i]
+                        v.copy_(v.index_select(k, order[start + i]))
+                start += count
