@@ -227,15 +227,30 @@ def _solve_upper_right_(
     return x
 
 
-def _cholesky_qr_pass_(y: Tensor, precision: str, block: int) -> tuple[Tensor, Tensor]:
+def _cholesky_qr_pass_(
+    y: Tensor, precision: str, block: int, factor_in_fp64: bool = False
+) -> tuple[Tensor, Tensor]:
     """One CholeskyQR pass, overwriting ``y`` with :math:`Y R^{-1}`, :math:`R^\top R = Y^\top
-    Y`. Returns ``(y, ok)``."""
-    panels, inverses, ok = _blocked_cholesky_(_gram_upper(y, precision, block), precision, block)
+    Y`. ``factor_in_fp64``: the Gram matrix and its Cholesky factorisation in float64 (the
+    factor's blocks are then rounded to ``y``'s dtype for the solve at ``precision``).
+    Returns ``(y, ok)``."""
+    if factor_in_fp64 and y.dtype != torch.float64:
+        gram = _gram_upper(y.double(), precision, block)
+        panels, inverses, ok = _blocked_cholesky_(gram, precision, block)
+        panels = [panel.to(y.dtype) for panel in panels]
+        inverses = [inverse.to(y.dtype) for inverse in inverses]
+        precision = "fp32"  # the solve: its error grows as kappa(Y) u, TF32's u is too coarse
+    else:
+        gram = _gram_upper(y, precision, block)
+        panels, inverses, ok = _blocked_cholesky_(gram, precision, block)
     return _solve_upper_right_(y, panels, inverses, precision, block), ok
 
 
 def cholesky_qr2(
-    stack: Tensor, precision: str = "fp32", block: int | None = None
+    stack: Tensor,
+    precision: str = "fp32",
+    block: int | None = None,
+    factor_in_fp64: bool = True,
 ) -> tuple[Tensor, Tensor]:
     r"""The Q factor of the QR decomposition of each square matrix of a stack, from matrix
     products: CholeskyQR2 (Fukaya et al. 2014) on the column-equilibrated matrix.
@@ -258,13 +273,23 @@ def cholesky_qr2(
     rank-deficient or too ill-conditioned :math:`Y`), the result is not finite, or a probe
     :math:`\|Q^\top Q z - z\|_\infty / \|z\|_\infty` with four fixed random vectors
     :math:`z` exceeds 1e-4 (fp32; 2e-2 at TF32, 1e-10 in fp64): the caller should take
-    Householder's QR for those matrices. ``block``: default :data:`CHOLESKY_BLOCK`."""
+    Householder's QR for those matrices. ``block``: default :data:`CHOLESKY_BLOCK`.
+
+    ``factor_in_fp64`` (default True): the first pass's Gram matrix and Cholesky factorisation
+    in float64 (a float64 copy of the stack), its solve in fp32 even at TF32 (its error
+    grows as :math:`\kappa u`); the second pass, whose input is nearly orthogonal, stays at
+    ``precision``. CholeskyQR fails once :math:`\kappa(\hat Y)^2 u \gtrsim 1` for the unit
+    roundoff :math:`u` of its Gram matrix: about :math:`\kappa \gtrsim 10^3` at TF32,
+    which the power-iteration products of stale bases reach in training, so without it most
+    TF32 refreshes fell back to Householder (``optimkit bench speed-matrix --spectrum
+    decaying`` counts the fallbacks). Float64 products run at the fp32 rate on data-centre
+    GPUs (H100's fp64 tensor cores) but far slower on consumer GPUs: pass False there."""
     block = CHOLESKY_BLOCK if block is None else block
     norms = torch.linalg.vector_norm(stack, dim=-2, keepdim=True)
     # a non-finite entry makes its column's norm non-finite: no separate pass over the stack
     ok = ((norms > 0) & torch.isfinite(norms)).flatten(-2).all(-1)
     y = stack / torch.where(norms > 0, norms, torch.ones_like(norms))
-    q, ok1 = _cholesky_qr_pass_(y, precision, block)
+    q, ok1 = _cholesky_qr_pass_(y, precision, block, factor_in_fp64)
     q, ok2 = _cholesky_qr_pass_(q, precision, block)
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(stack.size(-1), 4, generator=generator, dtype=torch.float64)

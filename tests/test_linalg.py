@@ -230,6 +230,40 @@ def test_cholesky_qr2_is_householders_q_up_to_signs(block):
     assert (q_tf32.mT @ q_tf32 - torch.eye(13)).abs().amax() < 2e-2
 
 
+def test_cholesky_qr2_factors_the_first_pass_in_fp64():
+    """Products of condition 1e5 (a stale basis's A Q in training): with the first pass's
+    Gram matrix and Cholesky factor in fp32 or TF32 (kappa^2 u > 1) every matrix is flagged;
+    in fp64 (the default) fp32 gives Householder's Q (up to signs) and a backward error at
+    fp32 rounding, and TF32 factors more of them, each an orthogonal Q with Q^T Y upper
+    triangular up to TF32 rounding."""
+    from optimkit.linalg import cholesky_qr2
+
+    n = 48
+    gen = torch.Generator().manual_seed(1)
+    u, _ = torch.linalg.qr(torch.randn(4, n, n, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(4, n, n, generator=gen, dtype=torch.float64))
+    y = (u * torch.logspace(0, -5, n, dtype=torch.float64)) @ v.mT
+    y = y / torch.linalg.vector_norm(y, dim=-2, keepdim=True)
+    reference = torch.linalg.qr(y)[0]
+
+    def backward_error(q):
+        return torch.tril(q.double().mT @ y, -1).abs().amax((-2, -1))
+
+    for precision in ("fp32", "tf32"):
+        _, ok_plain = cholesky_qr2(y.float(), precision, factor_in_fp64=False)
+        assert not ok_plain.any()
+    q32, ok32 = cholesky_qr2(y.float(), "fp32")
+    assert ok32.all() and _same_up_to_column_signs(q32.double(), reference) < 1e-3
+    assert (backward_error(q32) < 1e-5).all()
+    q_tf32, ok_tf32 = cholesky_qr2(y.float(), "tf32")
+    assert ok_tf32.sum() >= 2
+    errors = backward_error(q_tf32)
+    eye = torch.eye(n)
+    for i in ok_tf32.nonzero().flatten().tolist():
+        assert (q_tf32[i].mT @ q_tf32[i] - eye).abs().amax() < 2e-2
+        assert errors[i] < 5e-2
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_blocked_cholesky_reads_only_the_upper_blocks(device):
     """_gram_upper computes Y^T Y on and above its diagonal blocks; _blocked_cholesky_ reads

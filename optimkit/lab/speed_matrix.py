@@ -8,7 +8,9 @@ process for the precision each uses. Factorisations (``eigh``, QR) do not run at
 rate; their matmul-equivalent FLOPs (4/3 n^3 for a QR) are counted, ``eigh`` is not (it is in
 the time but not in the floor), so the ratio time / floor is an upper bound on the overhead.
 Every step gets a fresh random gradient (drawn outside the timed region), so that the
-statistics are full-rank as in training. The timed period (``--steps``, one refresh
+statistics are full-rank as in training; ``--spectrum decaying`` draws them with a decaying
+spectrum in a fixed basis, as training's are, which is what makes warm-started refreshes ill
+conditioned (see :class:`GradientSource`). The timed period (``--steps``, one refresh
 period) follows an untimed one (``--warmup``), so that the refresh it times is a training
 run's usual one, not the first, which allocates its buffers and loads its kernels.
 ``refresh_counts`` in the JSON output report the refreshes whose Cholesky QR fell back to
@@ -130,12 +132,64 @@ def precision_of(name: str, hp: dict[str, Any], device: torch.device) -> str:
     return "fp32" if device.type != "cuda" and precision == "tf32" else precision
 
 
-def _new_gradients(params: Sequence[torch.Tensor], generator: torch.Generator) -> None:
-    """A fresh gradient for every parameter, drawn on its device (outside the timed region):
-    a gradient repeated step after step would make rank-deficient statistics (G G^T of one
-    5504 x 2048 gradient has rank 2048), which no training run has."""
-    for p in params:
-        p.grad.normal_(0.0, 1e-3, generator=generator)
+#: how the timed steps' gradients are drawn (``--spectrum``).
+SPECTRA = ("isotropic", "decaying")
+
+#: decades spanned by the singular values of a "decaying" gradient's row and column factors.
+DECAY_DECADES = 3.0
+
+
+class GradientSource:
+    r"""A fresh gradient for every parameter before each step, drawn on its device outside
+    the timed region: a gradient repeated step after step would make rank-deficient
+    statistics (:math:`GG^\top` of one 5504 x 2048 gradient has rank 2048), which no training
+    run has.
+
+    ``"isotropic"``: i.i.d. normal entries (std 1e-3); every statistic is then nearly a
+    multiple of the identity, its eigenbasis arbitrary and a warm-started refresh well
+    conditioned. ``"decaying"``: :math:`G = 10^{-3} L Z R^\top` with :math:`Z` i.i.d. normal
+    and, per side size :math:`k`, a fixed :math:`L = U\,\mathrm{diag}(d)` (:math:`U`
+    random orthogonal, :math:`d_i` log-spaced from 1 down to
+    :math:`10^{-\text{DECAY\_DECADES}}`), so the statistics have a decaying spectrum
+    (condition :math:`\approx 10^{6}`) in a fixed basis plus sampling noise, as training
+    gradients' do; the warm-started power-iteration products :math:`AQ` are then ill
+    conditioned in their small directions, as in training, which is what makes Cholesky QR
+    fall back to Householder's."""
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        spectrum: str,
+        device: torch.device,
+        seed: int = 1,
+    ) -> None:
+        if spectrum not in SPECTRA:
+            raise ValueError(f"spectrum must be one of {SPECTRA}, got {spectrum!r}")
+        self.params = list(params)
+        self.spectrum = spectrum
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.factors: dict[int, torch.Tensor] = {}
+        if spectrum == "decaying":
+            for p in self.params:
+                if p.dim() >= 2:
+                    for k in (p.shape[0], math.prod(p.shape[1:])):
+                        if k not in self.factors:
+                            self.factors[k] = self._factor(k, device)
+
+    def _factor(self, size: int, device: torch.device) -> torch.Tensor:
+        gaussian = torch.randn(size, size, generator=self.generator, device=device)
+        orthogonal, _ = torch.linalg.qr(gaussian)
+        decay = torch.logspace(0.0, -DECAY_DECADES, size, device=device)
+        return orthogonal * decay  # U diag(d)
+
+    def __call__(self) -> None:
+        """Writes the next gradient into every parameter's ``.grad``."""
+        for p in self.params:
+            p.grad.normal_(0.0, 1e-3, generator=self.generator)
+            if self.spectrum == "decaying" and p.dim() >= 2:
+                m, n = p.shape[0], math.prod(p.shape[1:])
+                grad = p.grad.view(m, n)
+                grad.copy_(self.factors[m] @ grad @ self.factors[n].T)
 
 
 def _time(
@@ -144,20 +198,22 @@ def _time(
     steps: int,
     params: Sequence[torch.Tensor] = (),
     warmup: int = 0,
+    spectrum: str = "isotropic",
 ) -> tuple[float, list]:
     """``(first step's seconds, the timed steps' seconds)``: after the first step,
     ``warmup`` untimed steps (with one refresh period of them, the timed refresh is not the
     first one, which allocates its buffers and loads its kernels), then ``steps`` timed ones.
-    ``params`` get new gradients before every step."""
-    generator = torch.Generator(device=device).manual_seed(1)
-    _new_gradients(params, generator)
+    ``params`` get new gradients (:class:`GradientSource` of ``spectrum``) before every
+    step."""
+    new_gradients = GradientSource(params, spectrum, device)
+    new_gradients()
     _sync(device)
     start = time.perf_counter()
     opt.step()  # initialises statistics and bases
     _sync(device)
     first = time.perf_counter() - start
     for _ in range(warmup):
-        _new_gradients(params, generator)
+        new_gradients()
         opt.step()
     _sync(device)
     counts = getattr(opt, "refresh_counts", None)  # optimkit's matrix optimizers only
@@ -165,7 +221,7 @@ def _time(
         counts.clear()  # count the timed steps only
     times = []
     for _ in range(steps):
-        _new_gradients(params, generator)
+        new_gradients()
         _sync(device)
         start = time.perf_counter()
         opt.step()
@@ -225,6 +281,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="untimed steps after the first (default: --steps, one refresh period)",
     )
     parser.add_argument(
+        "--spectrum",
+        choices=SPECTRA,
+        default="isotropic",
+        help="the gradients: isotropic (i.i.d. normal) or decaying (a fixed basis and a "
+        "spectrum over 3 decades per side, as training's; see GradientSource)",
+    )
+    parser.add_argument(
         "--peers", action="store_true", help="also time pytorch_optimizer's SOAP, if installed"
     )
     parser.add_argument("--out", type=Path, default=None)
@@ -258,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     params = _make_params(shapes, device)
     baseline = torch.optim.AdamW(params, fused=device.type == "cuda")
-    _, times = _time(baseline, device, args.steps, params, warmup)
+    _, times = _time(baseline, device, args.steps, params, warmup, args.spectrum)
     adamw_ms = 1e3 * sum(times) / len(times)
     del baseline, params
 
@@ -284,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         params = _make_params(shapes, device)
         try:
             opt = make(params)
-            first, times = _time(opt, device, args.steps, params, warmup)
+            first, times = _time(opt, device, args.steps, params, warmup, args.spectrum)
         except Exception as error:  # a peer may fail on this list: report it, go on
             rows.append({"optimizer": label, "error": f"{type(error).__name__}: {error}"})
             print(f"{label}: {rows[-1]['error']}")
@@ -319,6 +382,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{first:.1f} s)  {flops / 1e12:7.2f} TFLOP/step  floor {floor_ms:8.1f} ms at "
             f"{precision}  {_ratio(rows[-1]['vs_floor'])} floor  {ms / adamw_ms:.1f}x torch "
             f"AdamW  {100 * ms / training_ms:.1f}% of a training step"
+            + (
+                f"  {counts['householder_fallbacks']} Householder fallbacks"
+                if counts.get("householder_fallbacks")
+                else ""
+            )
         )
         del opt, params
     print(f"torch AdamW ({'fused' if device.type == 'cuda' else 'foreach'}): {adamw_ms:.2f} ms")
@@ -337,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "torch_adamw_ms": adamw_ms,
                     "timed_steps": args.steps,
                     "warmup_steps": warmup,
+                    "spectrum": args.spectrum,
                     "results": rows,
                 },
                 indent=2,

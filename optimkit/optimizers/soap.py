@@ -264,12 +264,12 @@ class SOAP(RefreshCounts, Optimizer):
     steps (4e-3 observed; fp32: 1e-7), the tolerance the tests pin. On the GPU, Householder's
     QR factorisations run over a few CUDA streams (:func:`optimkit.linalg.batched_qr`).
 
-    Speed (one NVIDIA H200, ``optimkit bench speed-matrix``, a 0.6 B transformer-shaped list,
-    frequency 10, fresh gradients every step, a warm refresh timed; measured before the
-    buckets of same-shaped parameters, which are not yet measured on a GPU): TF32 142
-    ms/step (median 100 ms, the refresh step 0.51 s; 1.97x its TF32 matmul floor), fp32 634
-    ms/step (1.18x its fp32 floor); pytorch_optimizer 4.1.0's SOAP 991 ms/step in the same
-    run.
+    Speed (one NVIDIA H100, ``optimkit bench speed-matrix``, a 0.6 B transformer-shaped list,
+    frequency 10, fresh gradients every step, a warm refresh timed, same-shaped parameters in
+    buckets): TF32 176-179 ms/step (median 102-105 ms, the refresh step 0.84 s; 2.4-2.5x its
+    TF32 matmul floor; no Householder fallback with ``--spectrum decaying``), fp32 634 ms/step
+    (1.20x its fp32 floor). On an H200, pytorch_optimizer 4.1.0's SOAP took 992 ms/step in the
+    run that timed optimkit's TF32 SOAP at 158 ms/step.
     """
 
     hyperparams = {

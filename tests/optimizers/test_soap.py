@@ -560,7 +560,7 @@ def test_buckets_on_cuda_match_the_cpu():
     init = [torch.randn(s, generator=gen) for s in BUCKETED]
     runs = []
     for device in ("cpu", "cuda"):
-        ps = [x.to(device).requires_grad_() for x in init]
+        ps = [x.detach().to(device).clone().requires_grad_() for x in init]
         opt = SOAP(ps, precondition_frequency=3)
         for t in range(1, 13):
             for p, g in zip(ps, grads_for(t, BUCKETED, torch.float32)):
