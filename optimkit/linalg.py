@@ -23,9 +23,15 @@ weights) and count the failures.
 * :func:`cholesky_qr2`: the same Q factor from matrix products (column-equilibrated CholeskyQR
   done twice, blocked), at the matmul rate instead of the solver's; it reports the matrices it
   cannot factor so that the caller can fall back to :func:`batched_qr`.
+* :func:`block_gram_schmidt_qr`: the same Q factor by block Gram-Schmidt with
+  reorthogonalisation (BCGS2), nearly all of it matrix products at the requested precision;
+  SOAP's ``qr_method="gram_schmidt"``, with :func:`cholesky_qr2` then :func:`batched_qr` for
+  the matrices it cannot factor.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -45,16 +51,23 @@ __all__ = [
     "tf32_round",
     "batched_qr",
     "cholesky_qr2",
+    "block_gram_schmidt_qr",
     "QR_METHODS",
 ]
 
 #: precisions of :func:`matmul`.
 MATMUL_PRECISIONS = ("fp32", "tf32")
 #: methods of :func:`eigenbasis_power_qr`'s QR.
-QR_METHODS = ("cholesky", "householder")
+QR_METHODS = ("gram_schmidt", "cholesky", "householder")
 #: block size of :func:`cholesky_qr2`'s blocked Cholesky factorisation and triangular solve
 #: (H200, TF32: 256 is as fast as 512 on 5504-column matrices and 18% faster on 2048).
 CHOLESKY_BLOCK = 256
+#: statistics of at least this many rows are accumulated by :func:`accumulate_gram_` by block
+#: rows on and right of the diagonal, then mirrored; blocks of :data:`GRAM_ROW_BLOCK` rows.
+GRAM_SYMMETRIC_MIN = 1024
+GRAM_ROW_BLOCK = 512
+#: column block of :func:`block_gram_schmidt_qr`.
+GRAM_SCHMIDT_BLOCK = 128
 _QR_STREAMS = 4
 
 #: quintic Newton-Schulz coefficients (a, b, c) of Muon (K. Jordan's reference ``muon.py``).
@@ -108,14 +121,28 @@ def accumulate_gram_(
     :math:`X_{(k)}` is the mode-``dim`` unfolding of ``x`` (the Kronecker-factor statistic of
     Shampoo and SOAP); one GEMM on CUDA (:func:`matmul_accumulate_`). A stack of statistics
     ``(b, n, n)`` takes ``x`` of shape ``(b, ...)``, ``dim`` counting the axes of ``x[j]``: one
-    batched GEMM. The unfolding is a view of ``x`` (no copy) for its first and last axis."""
+    batched GEMM. The unfolding is a view of ``x`` (no copy) for its first and last axis.
+    From :data:`GRAM_SYMMETRIC_MIN` rows on, only the blocks of :data:`GRAM_ROW_BLOCK` rows on
+    and right of the diagonal are multiplied (about half the products of the full matrix) and
+    the rest is their mirror image, so :math:`S` is exactly symmetric."""
     batch = statistic.dim() - 2
     if batch and len(statistic) == 1:  # a stack of one: the plain product (the same rounding)
         accumulate_gram_(statistic[0], x[0], dim, beta, weight, precision)
         return statistic
     axis = dim + batch
     unfolded = torch.movedim(x, axis, batch).reshape(*x.shape[:batch], x.shape[axis], -1)
-    return matmul_accumulate_(statistic, unfolded, unfolded.mT, beta, weight, precision)
+    n = statistic.size(-1)
+    if n < GRAM_SYMMETRIC_MIN:
+        return matmul_accumulate_(statistic, unfolded, unfolded.mT, beta, weight, precision)
+    for start in range(0, n, GRAM_ROW_BLOCK):  # block rows on and right of the diagonal
+        stop = min(start + GRAM_ROW_BLOCK, n)
+        rows, columns = unfolded[..., start:stop, :], unfolded[..., start:, :]
+        matmul_accumulate_(
+            statistic[..., start:stop, start:], rows, columns.mT, beta, weight, precision
+        )
+        if stop < n:  # mirrored below the diagonal: S stays exactly symmetric
+            statistic[..., stop:, start:stop].copy_(statistic[..., start:stop, stop:].mT)
+    return statistic
 
 
 class _tf32:
@@ -291,15 +318,68 @@ def cholesky_qr2(
     y = stack / torch.where(norms > 0, norms, torch.ones_like(norms))
     q, ok1 = _cholesky_qr_pass_(y, precision, block, factor_in_fp64)
     q, ok2 = _cholesky_qr_pass_(q, precision, block)
+    return q, ok & ok1 & ok2 & _orthogonal(q, precision)
+
+
+def _panel_cholesky_qr_(panel: Tensor, precision: str) -> Tensor:
+    r"""One CholeskyQR pass on a tall panel ``(..., n, b)`` in place, :math:`W \leftarrow W
+    R^{-1}` with :math:`R^\top R = W^\top W`: at ``precision``, or, for ``"fp64"``, its Gram
+    matrix, Cholesky factor and product in float64 (:math:`4 n b^2` FLOPs). Returns ``ok``,
+    False where the Cholesky factorisation failed."""
+    work = panel.double() if precision == "fp64" else panel
+    product = "fp32" if precision == "fp64" else precision
+    factor, info = torch.linalg.cholesky_ex(matmul(work.mT, work, product), upper=True)
+    eye = torch.eye(panel.size(-1), dtype=work.dtype, device=panel.device)
+    inverse = torch.linalg.solve_triangular(factor, eye, upper=True)
+    panel.copy_(matmul(work, inverse, product))
+    return info == 0
+
+
+def block_gram_schmidt_qr(
+    stack: Tensor, precision: str = "fp32", block: int | None = None
+) -> tuple[Tensor, Tensor]:
+    r"""The Q factor of the QR decomposition of each square matrix of a stack by block
+    classical Gram-Schmidt with reorthogonalisation (BCGS2; Barlow & Smoktunowicz 2013) on the
+    column-equilibrated matrix :math:`\hat Y = Y D^{-1}`, for column blocks
+    :math:`\hat Y_j` of ``block`` columns:
+
+    .. math::
+        W = \mathrm{qr}\big(\hat Y_j - Q_{<j} (Q_{<j}^\top \hat Y_j)\big).Q,\qquad
+        Q_j = \mathrm{qr}\big(W - Q_{<j} (Q_{<j}^\top W)\big).Q
+
+    The projections (:math:`4 n^3` FLOPs in all) are matrix products at ``precision``; the
+    first panel factorisation, of a possibly ill-conditioned panel, is a CholeskyQR pass in
+    float64, the second, of a nearly orthonormal one, a pass at ``precision``
+    (:func:`_panel_cholesky_qr_`). Every column block is one batched product over the stack.
+    Returns ``(Q, ok)`` with ``ok`` as :func:`cholesky_qr2`'s (a failed panel factorisation, a
+    non-finite or zero column, or the orthogonality probe)."""
+    block = GRAM_SCHMIDT_BLOCK if block is None else block
+    norms = torch.linalg.vector_norm(stack, dim=-2, keepdim=True)
+    ok = ((norms > 0) & torch.isfinite(norms)).flatten(-2).all(-1)
+    q = stack / torch.where(norms > 0, norms, torch.ones_like(norms))
+    n = q.size(-1)
+    for start in range(0, n, block):
+        panel = q[..., start : min(start + block, n)]
+        done = q[..., :start]
+        for panel_precision in ("fp64", precision):
+            if start:
+                coefficients = matmul(done.mT, panel, precision)
+                matmul_accumulate_(panel, done, coefficients, 1.0, -1.0, precision)
+            ok &= _panel_cholesky_qr_(panel, panel_precision)
+    return q, ok & _orthogonal(q, precision)
+
+
+def _orthogonal(q: Tensor, precision: str) -> Tensor:
+    r"""Whether each matrix of a stack passes the probe :math:`\|Q^\top Q z - z\|_\infty /
+    \|z\|_\infty \le` :func:`_orthogonality_tolerance` for four fixed random vectors
+    :math:`z`; a non-finite :math:`Q` fails it (its error is NaN or inf)."""
     generator = torch.Generator().manual_seed(0)
-    probe = torch.randn(stack.size(-1), 4, generator=generator, dtype=torch.float64)
-    probe = probe.to(dtype=stack.dtype, device=stack.device)
+    probe = torch.randn(q.size(-1), 4, generator=generator, dtype=torch.float64)
+    probe = probe.to(dtype=q.dtype, device=q.device)
     error = (matmul(q.mT, matmul(q, probe)) - probe).abs().flatten(-2).amax(-1)
-    # a non-finite entry of Q makes the probe's error non-finite (NaN, or inf), so the
-    # probe also stands for a finiteness check of Q
     error = torch.nan_to_num(error, nan=float("inf"))
-    tolerance = _orthogonality_tolerance(stack.dtype, precision) * float(probe.abs().amax())
-    return q, ok & ok1 & ok2 & (error <= tolerance)
+    tolerance = _orthogonality_tolerance(q.dtype, precision) * float(probe.abs().amax())
+    return error <= tolerance
 
 
 def all_finite(stack: Tensor) -> Tensor:
@@ -520,9 +600,12 @@ def eigenbasis_power_qr(
     the permutation the caller applies to the second-moment axis. :math:`AQ` is computed once:
     its diagonal products give :math:`\hat\lambda` and its permuted columns are
     :math:`A\,Q_{:,\pi}`. ``precision``: that of the matrix products (:func:`matmul`).
-    ``method``: ``"householder"`` (``torch.linalg.qr`` in fp32, as the authors) or
+    ``method``: ``"householder"`` (``torch.linalg.qr`` in fp32, as the authors),
     ``"cholesky"`` (:func:`cholesky_qr2` at ``precision``; the matrices it cannot factor take
-    Householder's QR, counted in ``counts["householder_fallbacks"]`` when a dict is given)."""
+    Householder's QR, counted in ``counts["householder_fallbacks"]`` when a dict is given) or
+    ``"gram_schmidt"`` (:func:`block_gram_schmidt_qr` at ``precision``; the matrices it
+    cannot factor take :func:`cholesky_qr2`, counted in ``counts["cholesky_fallbacks"]``, and
+    those that one cannot factor Householder's QR, as for ``"cholesky"``)."""
     if method not in QR_METHODS:
         raise ValueError(f"method must be one of {QR_METHODS}, got {method!r}")
     product = matmul(stack, basis, precision)  # A Q, once: (A Q)[:, pi] = A Q[:, pi]
@@ -532,15 +615,39 @@ def eigenbasis_power_qr(
     if method == "householder":
         q = batched_qr(product)
         return q, order, all_finite(q)
-    q, ok = cholesky_qr2(product, precision)
-    failed = (~ok).nonzero()  # one host read per refresh
-    if len(failed):
-        index = tuple(failed.T)
-        q[index] = batched_qr(product[index].reshape(-1, *product.shape[-2:]))
-        ok[index] = all_finite(q[index])
-        if counts is not None:
-            counts["householder_fallbacks"] = counts.get("householder_fallbacks", 0) + len(failed)
+    counts = {} if counts is None else counts
+    if method == "gram_schmidt":
+        q, ok = block_gram_schmidt_qr(product, precision)
+        _refactor_failed_(
+            q, ok, product, lambda y: cholesky_qr2(y, precision), "cholesky_fallbacks", counts
+        )
+    else:
+        q, ok = cholesky_qr2(product, precision)
+    _refactor_failed_(q, ok, product, _householder, "householder_fallbacks", counts)
     return q, order, ok
+
+
+def _householder(stack: Tensor) -> tuple[Tensor, Tensor]:
+    q = batched_qr(stack)
+    return q, all_finite(q)
+
+
+def _refactor_failed_(
+    q: Tensor,
+    ok: Tensor,
+    stack: Tensor,
+    factor: Callable[[Tensor], tuple[Tensor, Tensor]],
+    key: str,
+    counts: dict[str, int],
+) -> None:
+    """Recompute by ``factor`` the matrices of ``stack`` whose ``ok`` is False, in place in
+    ``q`` and ``ok`` (one host read), and count them in ``counts[key]``."""
+    failed = (~ok).nonzero()
+    if not len(failed):
+        return
+    index = tuple(failed.T)
+    q[index], ok[index] = factor(stack[index].reshape(-1, *stack.shape[-2:]))
+    counts[key] = counts.get(key, 0) + len(failed)
 
 
 def _column_dots(a: Tensor, b: Tensor) -> Tensor:

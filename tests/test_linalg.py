@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from optimkit import linalg
 from optimkit.linalg import (
     _max_eigenvalue_power_iteration,
     eigenbasis_eigh,
@@ -208,26 +209,70 @@ def _same_up_to_column_signs(q, reference):
     return (q - reference * signs).abs().amax()
 
 
+@pytest.mark.parametrize("name", ["cholesky_qr2", "block_gram_schmidt_qr"])
 @pytest.mark.parametrize("block", [4, 5, 256])
-def test_cholesky_qr2_is_householders_q_up_to_signs(block):
-    """Blocked (block 4, 5: uneven last block) and unblocked CholeskyQR2 give torch.linalg.qr's
-    Q factor in fp64 (columns may differ in sign), orthogonal, and report success."""
-    from optimkit.linalg import cholesky_qr2
-
+def test_matmul_qr_is_householders_q_up_to_signs(name, block):
+    """Blocked (block 4, 5: uneven last block) and unblocked CholeskyQR2 and block Gram-Schmidt
+    give torch.linalg.qr's Q factor in fp64 (columns may differ in sign), orthogonal, and
+    report success."""
+    qr = getattr(linalg, name)
     gen = torch.Generator().manual_seed(3)
     stack = torch.randn(3, 13, 13, generator=gen, dtype=torch.float64)
     stack[1] *= torch.logspace(0, -6, 13, dtype=torch.float64)  # badly scaled columns
     original = stack.clone()
-    q, ok = cholesky_qr2(stack, block=block)
+    q, ok = qr(stack, block=block)
     assert ok.all() and torch.equal(stack, original)  # the input is not overwritten
     assert _same_up_to_column_signs(q, torch.linalg.qr(stack)[0]) < 1e-12
     torch.testing.assert_close(q.mT @ q, torch.eye(13, dtype=torch.float64).expand(3, 13, 13))
     # fp32: within fp32 rounding; TF32 (emulated here): within its rounding, still orthogonal
-    q32, ok32 = cholesky_qr2(stack.float(), block=block)
+    q32, ok32 = qr(stack.float(), block=block)
     assert ok32.all() and _same_up_to_column_signs(q32.double(), q) < 1e-4
-    q_tf32, ok_tf32 = cholesky_qr2(stack.float(), "tf32", block=block)
+    q_tf32, ok_tf32 = qr(stack.float(), "tf32", block=block)
     assert ok_tf32.all() and 1e-6 < _same_up_to_column_signs(q_tf32.double(), q) < 5e-2
     assert (q_tf32.mT @ q_tf32 - torch.eye(13)).abs().amax() < 2e-2
+
+
+def _stale_basis_products(n: int, decades: float, perturbation: float, count: int = 2):
+    """``(A, A Q)`` with A of a spectrum over ``decades`` decades and Q the eigenbasis of a
+    perturbed A, its columns ordered by estimated eigenvalue: a warm-started refresh's
+    product, fp64."""
+    gen = torch.Generator().manual_seed(7)
+    u, _ = torch.linalg.qr(torch.randn(count, n, n, generator=gen, dtype=torch.float64))
+    a = (u * torch.logspace(0, -decades, n, dtype=torch.float64)) @ u.mT
+    noise = torch.randn(count, n, n, generator=gen, dtype=torch.float64)
+    _, basis = torch.linalg.eigh(a + perturbation * (noise + noise.mT))
+    product = a @ basis
+    order = torch.argsort((basis * product).sum(-2), dim=-1, descending=True)
+    return a, torch.gather(product, -1, order.unsqueeze(-2).expand_as(product))
+
+
+def test_block_gram_schmidt_qr_on_stale_basis_products():
+    """Power-iteration products of a stale basis (6 decades of spectrum, condition ~300 after
+    column scaling; blocks of 16 over 96 columns): block Gram-Schmidt gives Householder's Q up
+    to signs at fp32 rounding and an orthogonal Q at TF32 (emulated) that diagonalises A as
+    well as Householder's does, to TF32 rounding. At condition ~2e6 its TF32 products cannot
+    keep the trailing blocks orthogonal: flagged, as the caller's fallback expects, while
+    fp32 still factors them."""
+    a, product = _stale_basis_products(96, 6.0, 1e-5)
+    reference = torch.linalg.qr(product)[0]
+
+    def off_diagonal(q):
+        rotated = q.mT @ a @ q
+        return (rotated - torch.diag_embed(torch.diagonal(rotated, dim1=-2, dim2=-1))).norm(
+            dim=(-2, -1)
+        ) / a.norm(dim=(-2, -1))
+
+    q32, ok32 = linalg.block_gram_schmidt_qr(product.float(), "fp32", block=16)
+    assert ok32.all() and _same_up_to_column_signs(q32.double(), reference) < 1e-3
+    q_tf32, ok_tf32 = linalg.block_gram_schmidt_qr(product.float(), "tf32", block=16)
+    assert ok_tf32.all()
+    assert (q_tf32.mT @ q_tf32 - torch.eye(96)).abs().amax() < 2e-2
+    assert (off_diagonal(q_tf32.double()) < off_diagonal(reference) + 5e-3).all()
+    _, product = _stale_basis_products(96, 8.0, 1e-3)
+    _, ok_tf32 = linalg.block_gram_schmidt_qr(product.float(), "tf32", block=16)
+    assert not ok_tf32.all()
+    _, ok32 = linalg.block_gram_schmidt_qr(product.float(), "fp32", block=16)
+    assert ok32.all()
 
 
 def test_cholesky_qr2_factors_the_first_pass_in_fp64():
@@ -297,23 +342,53 @@ def test_blocked_cholesky_reads_only_the_upper_blocks(device):
     torch.testing.assert_close(out, 2 * a @ a.T)
 
 
-def test_cholesky_qr2_flags_what_it_cannot_factor():
+@pytest.mark.parametrize("name", ["cholesky_qr2", "block_gram_schmidt_qr"])
+def test_matmul_qr_flags_what_it_cannot_factor(name):
     """A zero column or a NaN cannot be factored and is flagged; a rank-deficient matrix is
     either flagged or (rounding made its Gram matrix definite) given a valid Q factor:
     orthogonal with Q Q^T Y = Y."""
-    from optimkit.linalg import cholesky_qr2
-
+    qr = getattr(linalg, name)
     stack = torch.randn(5, 6, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     stack[1, :, 3] = stack[1, :, 2]  # rank-deficient
     stack[2, :, 0] = 0.0  # a zero column
     stack[3, 0, 0] = float("nan")
     stack[4, 2, 5] = float("-inf")
-    q, ok = cholesky_qr2(stack, block=2)
+    q, ok = qr(stack, block=2)
     assert ok[0] and not ok[2] and not ok[3] and not ok[4]
     for i in (0, 1):
         if ok[i]:
             torch.testing.assert_close(q[i].mT @ q[i], torch.eye(6, dtype=torch.float64))
             torch.testing.assert_close(q[i] @ (q[i].mT @ stack[i]), stack[i])
+
+
+def test_power_qr_gram_schmidt_falls_back_in_turn(monkeypatch):
+    """method="gram_schmidt": a matrix block Gram-Schmidt flags takes CholeskyQR2, one that
+    CholeskyQR2 flags too (a zero column of A Q) Householder's QR; each counted, every Q
+    orthogonal and the one of each stage that stage's own."""
+    gen = torch.Generator().manual_seed(5)
+    full = torch.randn(3, 6, 6, generator=gen, dtype=torch.float64)
+    stats = full @ full.mT
+    stats[0, -1, :] = 0.0
+    stats[0, :, -1] = 0.0
+    basis = torch.eye(6, dtype=torch.float64).expand(3, 6, 6).clone()
+    gram_schmidt = linalg.block_gram_schmidt_qr
+
+    def flag_the_second(stack, precision="fp32", block=None):  # and what it cannot factor
+        q, ok = gram_schmidt(stack, precision, block)
+        ok[1] = False
+        return q, ok
+
+    monkeypatch.setattr(linalg, "block_gram_schmidt_qr", flag_the_second)
+    counts = {}
+    q, order, ok = eigenbasis_power_qr(stats, basis, method="gram_schmidt", counts=counts)
+    assert ok.all() and counts == {"cholesky_fallbacks": 2, "householder_fallbacks": 1}
+    torch.testing.assert_close(q.mT @ q, torch.eye(6, dtype=torch.float64).expand(3, 6, 6))
+    householder, ref_order, _ = eigenbasis_power_qr(stats, basis, method="householder")
+    assert torch.equal(order, ref_order)
+    assert torch.equal(q[0], householder[0])
+    product = torch.gather(stats @ basis, -1, order.unsqueeze(-2).expand(3, 6, 6))
+    assert torch.equal(q[1], linalg.cholesky_qr2(product[1:2])[0][0])
+    assert torch.equal(q[2], gram_schmidt(product[2:3])[0][0])
 
 
 def test_power_qr_cholesky_falls_back_to_householder_and_counts():
