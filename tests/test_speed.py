@@ -91,8 +91,9 @@ def test_matrix_flop_counts():
     from optimkit.lab import speed_matrix
 
     shapes = speed.llama_shapes()
-    # the estimate for SOAP at frequency 10 on this list: about 2.5e13 FLOPs a step
-    assert 2.3e13 < speed_matrix.soap_flops(shapes, 10) < 2.8e13
+    # the estimate for SOAP at frequency 10 on this list: about 2.5e13 FLOPs a step,
+    # 2.3e13 with the statistics as symmetric products (half of each)
+    assert 2.1e13 < speed_matrix.soap_flops(shapes, 10) < 2.6e13
     # one 4x6 matrix: Newton-Schulz, 5 iterations of 4 k^2 l + 2 k^3 with k=4, l=6
     assert speed_matrix.muon_flops([(4, 6)]) == 5 * (4 * 16 * 6 + 2 * 64)
     # Shampoo's blocks of a 5x3 matrix with block 2: (2,2),(2,1),(2,2),(2,1),(1,2),(1,1)

@@ -13,8 +13,9 @@ spectrum in a fixed basis, as training's are, which is what makes warm-started r
 conditioned (see :class:`GradientSource`). The timed period (``--steps``, one refresh
 period) follows an untimed one (``--warmup``), so that the refresh it times is a training
 run's usual one, not the first, which allocates its buffers and loads its kernels.
-``refresh_counts`` in the JSON output report the refreshes whose Cholesky QR fell back to
-Householder's.
+``refresh_counts`` in the JSON output report the refresh factorisations that fell back from
+Gram-Schmidt QR to CholeskyQR2 (``cholesky_fallbacks``) and to Householder's
+(``householder_fallbacks``).
 """
 
 from __future__ import annotations
@@ -61,14 +62,16 @@ def _matrices(shapes: Sequence[tuple[int, ...]]) -> list[tuple[int, int]]:
 
 
 def soap_flops(shapes, frequency: int, max_dim: int = 10000) -> float:
-    """Per step: both statistics (2 m^2 n + 2 m n^2), the gradient into the eigenbasis and the
-    update back (2 x (2 m^2 n + 2 m n^2)); every ``frequency`` steps, per side, one power
-    iteration (2 k^3) and a QR (4/3 k^3) plus the momentum's rotation (2 m^2 n + 2 m n^2)."""
+    """Per step: both statistics, as symmetric products (m^2 n + m n^2: the half on and above
+    the diagonal, which is all a symmetric product needs), the gradient into the eigenbasis
+    and the update back (2 x (2 m^2 n + 2 m n^2)); every ``frequency`` steps, per side, one
+    power iteration (2 k^3) and a QR (4/3 k^3) plus the momentum's rotation
+    (2 m^2 n + 2 m n^2)."""
     total = 0.0
     for m, n in _matrices(shapes):
         sides = [k for k in (m, n) if k <= max_dim]
         rotate = sum(2 * k * m * n for k in sides)  # one side: 2 k * (m n)
-        total += 3 * rotate
+        total += 2.5 * rotate  # statistics (half a rotation), into and out of the eigenbasis
         total += (sum((2 + 4 / 3) * k**3 for k in sides) + rotate) / frequency
     return total
 
@@ -253,6 +256,10 @@ def _peers(device: torch.device) -> dict[str, Any]:
     return peers
 
 
+#: refresh_counts keys of the QR fallbacks the table prints, and their names.
+_FALLBACKS = {"cholesky_fallbacks": "CholeskyQR2", "householder_fallbacks": "Householder"}
+
+
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
@@ -382,10 +389,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{first:.1f} s)  {flops / 1e12:7.2f} TFLOP/step  floor {floor_ms:8.1f} ms at "
             f"{precision}  {_ratio(rows[-1]['vs_floor'])} floor  {ms / adamw_ms:.1f}x torch "
             f"AdamW  {100 * ms / training_ms:.1f}% of a training step"
-            + (
-                f"  {counts['householder_fallbacks']} Householder fallbacks"
-                if counts.get("householder_fallbacks")
-                else ""
+            + "".join(
+                f"  {counts[key]} {name} fallbacks"
+                for key, name in _FALLBACKS.items()
+                if counts.get(key)
             )
         )
         del opt, params

@@ -30,6 +30,7 @@ from optimkit.engine import (
     lr_hyper,
     weight_decay_hyper,
 )
+from optimkit.kernels import triton_available
 from optimkit.linalg import (
     MATMUL_PRECISIONS,
     QR_METHODS,
@@ -94,6 +95,8 @@ def mode_product(x: Tensor, matrix: Tensor, dim: int, precision: str = "fp32") -
 BUCKET_NUMEL = 1 << 26
 """Most elements of the same-shaped parameters that one step batches together (a bucket):
 bounds each temporary of a bucket's step (256 MB in fp32)."""
+#: whether :func:`adam_direction` may take the fused kernel (tests switch it off).
+FUSED_DIRECTION = True
 
 
 def _chunks(params: list[Tensor], numel: int) -> list[list[Tensor]]:
@@ -157,6 +160,36 @@ class _Bucket:
             q = self.stacks[f"Q{k}"]
             x = mode_product(x, q.mT if back else q, k, precision)
         return x
+
+
+def adam_direction(
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    out: Tensor | None = None,
+) -> Tensor:
+    r"""Adam's moments in place (:func:`~optimkit.optimizers.adam.adam_moments_`) and the
+    direction :math:`N = M / (\sqrt V + \epsilon)`, written into ``out`` (may be ``grad``
+    when that is a temporary; a new tensor if None). On CUDA with Triton, fp32 and contiguous
+    tensors: one fused pass (:func:`optimkit.kernels.adam_direction.adam_direction_`, the same
+    roundings); else torch ops."""
+    out = torch.empty_like(exp_avg) if out is None else out
+    tensors = (grad, exp_avg, exp_avg_sq, out)
+    if (
+        FUSED_DIRECTION
+        and grad.is_cuda
+        and all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+        and triton_available()
+    ):
+        from optimkit.kernels.adam_direction import adam_direction_
+
+        return adam_direction_(grad, exp_avg, exp_avg_sq, beta1, beta2, eps, out)
+    adam_moments_({"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, grad, beta1, beta2)
+    denom = exp_avg_sq.sqrt().add_(eps)
+    return torch.div(exp_avg, denom, out=out)
 
 
 def _apply(params: tuple[Tensor, ...], updates: Tensor, step_size: float, decay: float) -> None:
@@ -240,12 +273,19 @@ class SOAP(RefreshCounts, Optimizer):
     counted in ``state["root_failures"]``;
     (5) ``data_format="channels_last"`` is not offered (channels-first only); (6) ties in the
     estimated eigenvalues are ordered by a stable sort; (7) by default (``qr_method=
-    "cholesky"``) the refresh's QR is computed from matrix products by CholeskyQR2
-    (:func:`optimkit.linalg.cholesky_qr2`): the same Q factor as the authors'
-    ``torch.linalg.qr`` up to the signs of its columns, to which the update is invariant
-    (:math:`V` holds squares, and :math:`M'` and :math:`N` flip with the column); a matrix it
-    cannot factor (a rank-deficient or ill-conditioned :math:`LQ`, e.g. a coordinate that never
-    had a gradient) takes Householder's QR, counted in ``opt.refresh_counts``.
+    "cholesky"``) the refresh's QR is computed from matrix products by CholeskyQR2 with its
+    first pass factored in fp64 (:func:`optimkit.linalg.cholesky_qr2`): the same Q factor as
+    the authors' ``torch.linalg.qr`` up to the signs of its columns, to which the update is
+    invariant (:math:`V` holds squares, and :math:`M'` and :math:`N` flip with the column); a
+    matrix it cannot factor (a rank-deficient or too ill-conditioned :math:`LQ`, e.g. a
+    coordinate that never had a gradient) takes Householder's QR, counted in
+    ``opt.refresh_counts["householder_fallbacks"]``. ``qr_method="gram_schmidt"`` computes it
+    by block Gram-Schmidt with reorthogonalisation
+    (:func:`optimkit.linalg.block_gram_schmidt_qr`: fp64 panel factorisations, the projections
+    at ``matmul_precision``); a matrix it cannot factor (:math:`\kappa u \gtrsim 1` for the
+    unit roundoff of its products) takes CholeskyQR2, then Householder's QR, both counted
+    (``cholesky_fallbacks``, ``householder_fallbacks``); its speed on a GPU is not measured
+    yet, hence not the default.
     ``qr_method="householder"`` is the authors' QR. The product :math:`LQ` is computed once
     for both the eigenvalue estimates and the power step (the authors multiply twice).
 
@@ -292,8 +332,8 @@ class SOAP(RefreshCounts, Optimizer):
         "qr_method": Hyper(
             "cholesky",
             Choice(QR_METHODS),
-            "cholesky: optimkit's (the same Q factor from matrix products); householder: "
-            "the authors' torch.linalg.qr",
+            "cholesky, gram_schmidt: optimkit's (the same Q factor from matrix products); "
+            "householder: the authors' torch.linalg.qr",
         ),
         "maximize": MAXIMIZE,
     }
@@ -434,15 +474,14 @@ class SOAP(RefreshCounts, Optimizer):
                 )
                 requests.setdefault((bucket.shape[k], "eigh"), []).append((bucket, k))
             return
-        moments = {"exp_avg": bucket.exp_avg(), "exp_avg_sq": bucket.exp_avg_sq()}
-        exp_avg, exp_avg_sq = adam_moments_(
-            moments, bucket.project(g, False, precision), beta1, beta2
-        )
-        denom = exp_avg_sq.sqrt().add_(hp["eps"])
+        exp_avg, exp_avg_sq = bucket.exp_avg(), bucket.exp_avg_sq()
+        rotated = bucket.project(g, False, precision)
+        out = None if rotated is g else rotated  # g may be a view of a parameter's .grad
+        direction = adam_direction(rotated, exp_avg, exp_avg_sq, beta1, beta2, hp["eps"], out)
         step_size = hp["lr"]
         if hp["correct_bias"]:
             step_size = step_size * (1 - beta2**s) ** 0.5 / (1 - beta1**s)
-        norm_grad = bucket.project(torch.div(exp_avg, denom, out=denom), True, precision)
+        norm_grad = bucket.project(direction, True, precision)
         if hp["normalize_grads"]:
             rms = norm_grad.square().reshape(len(norm_grad), -1).mean(1).sqrt()
             norm_grad = norm_grad / (1e-30 + rms).reshape(-1, *[1] * len(bucket.shape))

@@ -307,19 +307,23 @@ def test_tf32_matmuls_stay_close_to_the_fp64_reference():
 @pytest.mark.parametrize("block", [None, 2])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 def test_qr_methods_match_the_reference(monkeypatch, block, dtype, tol):
-    """qr_method="cholesky" (the default: CholeskyQR2 from matrix products, blocked when the
-    block size is below a side, here 2) and "householder" (the authors' torch.linalg.qr) both
-    keep the fp64 reference's trajectory; they differ by rounding only."""
+    """qr_method="cholesky" (the default: CholeskyQR2 from matrix products), "gram_schmidt"
+    (block Gram-Schmidt; both blocked when the block size is below a side, here 2) and
+    "householder" (the authors' torch.linalg.qr) all keep the fp64 reference's trajectory;
+    they differ by rounding only."""
     import optimkit.linalg
 
     if block is not None:
         monkeypatch.setattr(optimkit.linalg, "CHOLESKY_BLOCK", block)
+        monkeypatch.setattr(optimkit.linalg, "GRAM_SCHMIDT_BLOCK", block)
     cholesky_opt, cholesky, refs = run(dtype)
+    gram_schmidt_opt, gram_schmidt, _ = run(dtype, hp={"qr_method": "gram_schmidt"})
     _, householder, _ = run(dtype, hp={"qr_method": "householder"})
-    assert_parity(cholesky, refs, tol)
-    assert_parity(householder, refs, tol)
+    for result in (gram_schmidt, cholesky, householder):
+        assert_parity(result, refs, tol)
     assert SOAP([torch.zeros(2, 2, requires_grad=True)]).defaults["qr_method"] == "cholesky"
     # the rank-one gradients of grads_for make some refreshes fall back: counted, still exact
+    assert set(gram_schmidt_opt.refresh_counts) <= {"cholesky_fallbacks", "householder_fallbacks"}
     assert set(cholesky_opt.refresh_counts) <= {"householder_fallbacks"}
     with pytest.raises(ValueError, match="qr_method"):
         SOAP([torch.zeros(2, 2, requires_grad=True)], qr_method="givens")
@@ -550,6 +554,58 @@ def test_accumulate_gram_of_a_stack_is_each_matrix_alone(dim):
     expected = [accumulate_gram_(s.clone(), x[j], dim, 0.9, 0.1) for j, s in enumerate(stack)]
     assert accumulate_gram_(stack, x, dim, 0.9, 0.1) is stack
     torch.testing.assert_close(stack, torch.stack(expected), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize("dim", [0, 1, 2])
+def test_accumulate_gram_by_block_rows_is_the_full_product(monkeypatch, stacked, dim):
+    """From GRAM_SYMMETRIC_MIN rows on, the statistic is accumulated by block rows on and
+    right of the diagonal (here blocks of 3 over 7 or 5 rows: an uneven last block) and
+    mirrored: the full product to fp64 rounding, exactly symmetric."""
+    import optimkit.linalg
+    from optimkit.linalg import accumulate_gram_
+
+    monkeypatch.setattr(optimkit.linalg, "GRAM_SYMMETRIC_MIN", 4)
+    monkeypatch.setattr(optimkit.linalg, "GRAM_ROW_BLOCK", 3)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 7, 5, 4, generator=gen, dtype=torch.float64)
+    n = x.shape[dim + 1]
+    start = torch.randn(2, n, n, generator=gen, dtype=torch.float64)
+    start = start + start.mT
+    unfolded = torch.movedim(x, dim + 1, 1).reshape(2, n, -1)
+    expected = 0.9 * start + 0.1 * unfolded @ unfolded.mT
+    statistic = start.clone() if stacked else start[0].clone()
+    result = accumulate_gram_(statistic, x if stacked else x[0], dim, 0.9, 0.1)
+    assert result is statistic
+    torch.testing.assert_close(
+        statistic, expected if stacked else expected[0], rtol=1e-13, atol=1e-13
+    )
+    assert torch.equal(statistic, statistic.mT)
+
+
+def test_statistics_by_block_rows_keep_the_trajectory(monkeypatch):
+    """SOAP with its statistics (6 x 6, 40 x 40) accumulated by block rows and mirrored
+    (blocks of 4) follows the full products' trajectory to fp64 rounding. (The side is full
+    rank from the first step: a rank-deficient statistic's null-space eigenvectors are
+    arbitrary, and a rounding-level change of the statistic may change them and the
+    trajectory.)"""
+    import optimkit.linalg
+
+    runs = []
+    for symmetric_min in (1024, 5):
+        monkeypatch.setattr(optimkit.linalg, "GRAM_SYMMETRIC_MIN", symmetric_min)
+        monkeypatch.setattr(optimkit.linalg, "GRAM_ROW_BLOCK", 4)
+        gen = torch.Generator().manual_seed(2)
+        p = torch.randn(6, 40, generator=gen, dtype=torch.float64).requires_grad_()
+        opt = SOAP([p], precondition_frequency=3)
+        for _ in range(12):
+            p.grad = torch.randn(6, 40, generator=gen, dtype=torch.float64)
+            opt.step()
+        runs.append((p.detach(), opt.state[p]["GG0"]))
+    (p_full, s_full), (p_blocks, s_blocks) = runs
+    assert torch.equal(s_blocks, s_blocks.mT)
+    torch.testing.assert_close(s_blocks, s_full, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(p_blocks, p_full, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
