@@ -336,7 +336,10 @@ def _panel_cholesky_qr_(panel: Tensor, precision: str) -> Tensor:
 
 
 def block_gram_schmidt_qr(
-    stack: Tensor, precision: str = "fp32", block: int | None = None
+    stack: Tensor,
+    precision: str = "fp32",
+    block: int | None = None,
+    factor_in_fp64: bool = True,
 ) -> tuple[Tensor, Tensor]:
     r"""The Q factor of the QR decomposition of each square matrix of a stack by block
     classical Gram-Schmidt with reorthogonalisation (BCGS2; Barlow & Smoktunowicz 2013) on the
@@ -350,9 +353,11 @@ def block_gram_schmidt_qr(
     The projections (:math:`4 n^3` FLOPs in all) are matrix products at ``precision``; the
     first panel factorisation, of a possibly ill-conditioned panel, is a CholeskyQR pass in
     float64, the second, of a nearly orthonormal one, a pass at ``precision``
-    (:func:`_panel_cholesky_qr_`). Every column block is one batched product over the stack.
-    Returns ``(Q, ok)`` with ``ok`` as :func:`cholesky_qr2`'s (a failed panel factorisation, a
-    non-finite or zero column, or the orthogonality probe)."""
+    (:func:`_panel_cholesky_qr_`); ``factor_in_fp64=False`` runs that first pass at
+    ``precision`` too (for GPUs whose float64 products are slow). Every column block is one
+    batched product over the stack. Returns ``(Q, ok)`` with ``ok`` as :func:`cholesky_qr2`'s
+    (a failed panel factorisation, a non-finite or zero column, or the orthogonality
+    probe)."""
     block = GRAM_SCHMIDT_BLOCK if block is None else block
     norms = torch.linalg.vector_norm(stack, dim=-2, keepdim=True)
     ok = ((norms > 0) & torch.isfinite(norms)).flatten(-2).all(-1)
@@ -361,7 +366,7 @@ def block_gram_schmidt_qr(
     for start in range(0, n, block):
         panel = q[..., start : min(start + block, n)]
         done = q[..., :start]
-        for panel_precision in ("fp64", precision):
+        for panel_precision in ("fp64" if factor_in_fp64 else precision, precision):
             if start:
                 coefficients = matmul(done.mT, panel, precision)
                 matmul_accumulate_(panel, done, coefficients, 1.0, -1.0, precision)
@@ -589,6 +594,7 @@ def eigenbasis_power_qr(
     precision: str = "fp32",
     method: str = "householder",
     counts: dict[str, int] | None = None,
+    factor_in_fp64: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""SOAP's warm-started eigenbasis refresh (``get_orthogonal_matrix_QR``), batched.
 
@@ -605,7 +611,8 @@ def eigenbasis_power_qr(
     Householder's QR, counted in ``counts["householder_fallbacks"]`` when a dict is given) or
     ``"gram_schmidt"`` (:func:`block_gram_schmidt_qr` at ``precision``; the matrices it
     cannot factor take :func:`cholesky_qr2`, counted in ``counts["cholesky_fallbacks"]``, and
-    those that one cannot factor Householder's QR, as for ``"cholesky"``)."""
+    those that one cannot factor Householder's QR, as for ``"cholesky"``). ``factor_in_fp64``
+    goes to both matrix-product QRs (their first factorisation in float64)."""
     if method not in QR_METHODS:
         raise ValueError(f"method must be one of {QR_METHODS}, got {method!r}")
     product = matmul(stack, basis, precision)  # A Q, once: (A Q)[:, pi] = A Q[:, pi]
@@ -616,13 +623,15 @@ def eigenbasis_power_qr(
         q = batched_qr(product)
         return q, order, all_finite(q)
     counts = {} if counts is None else counts
+
+    def cholesky(y: Tensor) -> tuple[Tensor, Tensor]:
+        return cholesky_qr2(y, precision, factor_in_fp64=factor_in_fp64)
+
     if method == "gram_schmidt":
-        q, ok = block_gram_schmidt_qr(product, precision)
-        _refactor_failed_(
-            q, ok, product, lambda y: cholesky_qr2(y, precision), "cholesky_fallbacks", counts
-        )
+        q, ok = block_gram_schmidt_qr(product, precision, factor_in_fp64=factor_in_fp64)
+        _refactor_failed_(q, ok, product, cholesky, "cholesky_fallbacks", counts)
     else:
-        q, ok = cholesky_qr2(product, precision)
+        q, ok = cholesky(product)
     _refactor_failed_(q, ok, product, _householder, "householder_fallbacks", counts)
     return q, order, ok
 

@@ -373,8 +373,8 @@ def test_power_qr_gram_schmidt_falls_back_in_turn(monkeypatch):
     basis = torch.eye(6, dtype=torch.float64).expand(3, 6, 6).clone()
     gram_schmidt = linalg.block_gram_schmidt_qr
 
-    def flag_the_second(stack, precision="fp32", block=None):  # and what it cannot factor
-        q, ok = gram_schmidt(stack, precision, block)
+    def flag_the_second(stack, precision="fp32", block=None, **options):  # and the failures
+        q, ok = gram_schmidt(stack, precision, block, **options)
         ok[1] = False
         return q, ok
 
@@ -412,3 +412,35 @@ def test_power_qr_cholesky_falls_back_to_householder_and_counts():
     assert _same_up_to_column_signs(q[1:], reference[1:]) < 1e-12
     with pytest.raises(ValueError, match="method"):
         eigenbasis_power_qr(stats, basis, method="givens")
+
+
+@pytest.mark.parametrize("method", ["cholesky", "gram_schmidt"])
+@pytest.mark.parametrize("factor_in_fp64", [True, False])
+def test_power_qr_passes_factor_in_fp64_on(monkeypatch, method, factor_in_fp64):
+    """eigenbasis_power_qr's factor_in_fp64 reaches the matrix-product QR it uses (and the
+    CholeskyQR2 fallback of Gram-Schmidt), and both settings give an orthogonal basis."""
+    seen = []
+    for name in ("cholesky_qr2", "block_gram_schmidt_qr"):
+        original = getattr(linalg, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            seen.append((_name, kwargs.get("factor_in_fp64")))
+            q, ok = _original(*args, **kwargs)
+            if _name == "block_gram_schmidt_qr":
+                ok[0] = False  # so that the fallback runs too
+            return q, ok
+
+        monkeypatch.setattr(linalg, name, spy)
+    gen = torch.Generator().manual_seed(8)
+    full = torch.randn(2, 6, 6, generator=gen)
+    stats = full @ full.mT
+    basis = torch.eye(6).expand(2, 6, 6).clone()
+    q, _, ok = eigenbasis_power_qr(
+        stats, basis, method=method, counts={}, factor_in_fp64=factor_in_fp64
+    )
+    expected = [("cholesky_qr2", factor_in_fp64)]
+    if method == "gram_schmidt":
+        expected.insert(0, ("block_gram_schmidt_qr", factor_in_fp64))
+    assert seen == expected
+    assert ok.all()
+    torch.testing.assert_close(q.mT @ q, torch.eye(6).expand(2, 6, 6), atol=1e-5, rtol=0)

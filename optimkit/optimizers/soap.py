@@ -285,7 +285,9 @@ class SOAP(RefreshCounts, Optimizer):
     at ``matmul_precision``); a matrix it cannot factor (:math:`\kappa u \gtrsim 1` for the
     unit roundoff of its products) takes CholeskyQR2, then Householder's QR, both counted
     (``cholesky_fallbacks``, ``householder_fallbacks``); its speed on a GPU is not measured
-    yet, hence not the default.
+    yet, hence not the default. ``qr_fp64`` (default True) factors the first pass of either
+    in float64; False keeps it at ``matmul_precision``, for GPUs whose float64 products are
+    slow (consumer cards), at the price of more fallbacks on ill-conditioned products.
     ``qr_method="householder"`` is the authors' QR. The product :math:`LQ` is computed once
     for both the eigenvalue estimates and the power step (the authors multiply twice).
 
@@ -334,6 +336,12 @@ class SOAP(RefreshCounts, Optimizer):
             Choice(QR_METHODS),
             "cholesky, gram_schmidt: optimkit's (the same Q factor from matrix products); "
             "householder: the authors' torch.linalg.qr",
+        ),
+        "qr_fp64": Hyper(
+            True,
+            Flag(),
+            "optimkit's: the first factorisation of the cholesky/gram_schmidt QR in float64 "
+            "(False: at matmul_precision, for GPUs with slow float64)",
         ),
         "maximize": MAXIMIZE,
     }
@@ -445,7 +453,7 @@ class SOAP(RefreshCounts, Optimizer):
                 bucket = self._bucket(chunk, shape, axes)
                 self._step_bucket(bucket, dtype, s, shampoo_beta, hp, requests, rotations)
         precision = hp["matmul_precision"]
-        self._refresh_bases(requests, precision, hp["qr_method"])
+        self._refresh_bases(requests, precision, hp["qr_method"], hp["qr_fp64"])
         for bucket, exp_avg_original in rotations:
             bucket.exp_avg().copy_(bucket.project(exp_avg_original, False, precision))
 
@@ -573,6 +581,7 @@ class SOAP(RefreshCounts, Optimizer):
         bases: Tensor,
         precision: str = "fp32",
         qr_method: str = "householder",
+        qr_fp64: bool = True,
     ) -> tuple[Tensor, ...]:
         """New eigenbases for a stack of same-sized statistics (one independent problem per
         matrix: the seam where the work can be spread across ranks)."""
@@ -580,18 +589,21 @@ class SOAP(RefreshCounts, Optimizer):
             q, ok = eigenbasis_eigh(stats)
             order = torch.arange(stats.size(-1), device=stats.device).expand(stats.shape[:-1])
             return q, order, ok
-        return eigenbasis_power_qr(stats, bases, precision, qr_method, self.refresh_counts)
+        return eigenbasis_power_qr(
+            stats, bases, precision, qr_method, self.refresh_counts, factor_in_fp64=qr_fp64
+        )
 
     def _refresh_bases(
         self,
         requests: Mapping[tuple, list[tuple[_Bucket, int]]],
         precision: str = "fp32",
         qr_method: str = "householder",
+        qr_fp64: bool = True,
     ) -> None:
         for (_, kind), entries in requests.items():
             stats = _concat([bucket.stacks[f"GG{k}"] for bucket, k in entries])
             bases = _concat([bucket.stacks[f"Q{k}"] for bucket, k in entries])
-            q, order, ok = self.update_blocks(kind, stats, bases, precision, qr_method)
+            q, order, ok = self.update_blocks(kind, stats, bases, precision, qr_method, qr_fp64)
             ok_list = ok.tolist()  # one host read per size
             start = 0
             for bucket, k in entries:

@@ -329,6 +329,29 @@ def test_qr_methods_match_the_reference(monkeypatch, block, dtype, tol):
         SOAP([torch.zeros(2, 2, requires_grad=True)], qr_method="givens")
 
 
+@pytest.mark.parametrize("qr_method", ["cholesky", "gram_schmidt"])
+def test_qr_without_fp64_factorisation_keeps_the_trajectory(monkeypatch, qr_method):
+    """qr_fp64=False (the first QR factorisation at matmul_precision, for GPUs with slow
+    float64) reaches every refresh and keeps the fp64 reference's trajectory in fp32; the
+    default is True and a non-boolean is refused by name."""
+    from optimkit.optimizers import soap
+
+    seen = []
+    refresh = soap.eigenbasis_power_qr
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["factor_in_fp64"])
+        return refresh(*args, **kwargs)
+
+    monkeypatch.setattr(soap, "eigenbasis_power_qr", spy)
+    _, result, refs = run(torch.float32, hp={"qr_method": qr_method, "qr_fp64": False})
+    assert_parity(result, refs, 1e-5)
+    assert seen and not any(seen)
+    assert SOAP([torch.zeros(2, 2, requires_grad=True)]).defaults["qr_fp64"] is True
+    with pytest.raises(ValueError, match="qr_fp64"):
+        SOAP([torch.zeros(2, 2, requires_grad=True)], qr_fp64="yes")
+
+
 @pytest.mark.parametrize("dim", [0, 1, 2])
 def test_accumulate_gram_is_the_authors_lerp(dim):
     """S <- beta S + (1 - beta) X_(k) X_(k)^T, in place: the authors'
