@@ -25,8 +25,8 @@ weights) and count the failures.
   cannot factor so that the caller can fall back to :func:`batched_qr`.
 * :func:`block_gram_schmidt_qr`: the same Q factor by block Gram-Schmidt with
   reorthogonalisation (BCGS2), nearly all of it matrix products at the requested precision;
-  SOAP's ``qr_method="gram_schmidt"``, with :func:`cholesky_qr2` then :func:`batched_qr` for
-  the matrices it cannot factor.
+  SOAP's default refresh QR (``qr_method="gram_schmidt"``), with :func:`cholesky_qr2` then
+  :func:`batched_qr` for the matrices it cannot factor.
 """
 
 from __future__ import annotations

@@ -273,21 +273,20 @@ class SOAP(RefreshCounts, Optimizer):
     counted in ``state["root_failures"]``;
     (5) ``data_format="channels_last"`` is not offered (channels-first only); (6) ties in the
     estimated eigenvalues are ordered by a stable sort; (7) by default (``qr_method=
-    "cholesky"``) the refresh's QR is computed from matrix products by CholeskyQR2 with its
-    first pass factored in fp64 (:func:`optimkit.linalg.cholesky_qr2`): the same Q factor as
-    the authors' ``torch.linalg.qr`` up to the signs of its columns, to which the update is
+    "gram_schmidt"``) the refresh's QR is computed from matrix products by block Gram-Schmidt
+    with reorthogonalisation (:func:`optimkit.linalg.block_gram_schmidt_qr`: fp64 panel
+    factorisations, the projections at ``matmul_precision``): the same Q factor as the
+    authors' ``torch.linalg.qr`` up to the signs of its columns, to which the update is
     invariant (:math:`V` holds squares, and :math:`M'` and :math:`N` flip with the column); a
-    matrix it cannot factor (a rank-deficient or too ill-conditioned :math:`LQ`, e.g. a
-    coordinate that never had a gradient) takes Householder's QR, counted in
-    ``opt.refresh_counts["householder_fallbacks"]``. ``qr_method="gram_schmidt"`` computes it
-    by block Gram-Schmidt with reorthogonalisation
-    (:func:`optimkit.linalg.block_gram_schmidt_qr`: fp64 panel factorisations, the projections
-    at ``matmul_precision``); a matrix it cannot factor (:math:`\kappa u \gtrsim 1` for the
-    unit roundoff of its products) takes CholeskyQR2, then Householder's QR, both counted
-    (``cholesky_fallbacks``, ``householder_fallbacks``); its speed on a GPU is not measured
-    yet, hence not the default. ``qr_fp64`` (default True) factors the first pass of either
-    in float64; False keeps it at ``matmul_precision``, for GPUs whose float64 products are
-    slow (consumer cards), at the price of more fallbacks on ill-conditioned products.
+    matrix it cannot factor (:math:`\kappa u \gtrsim 1` for the unit roundoff of its
+    products) takes CholeskyQR2 with its first pass in fp64
+    (:func:`optimkit.linalg.cholesky_qr2`; ``qr_method="cholesky"`` uses it alone), and one
+    that cannot factor either (a rank-deficient :math:`LQ`, e.g. a coordinate that never had
+    a gradient) Householder's QR; both fallbacks are counted in ``opt.refresh_counts``
+    (``cholesky_fallbacks``, ``householder_fallbacks``). ``qr_fp64`` (default True) factors
+    the first pass of either in float64; False keeps it at ``matmul_precision``, for GPUs
+    whose float64 products are slow (consumer cards), at the price of more fallbacks on
+    ill-conditioned products.
     ``qr_method="householder"`` is the authors' QR. The product :math:`LQ` is computed once
     for both the eigenvalue estimates and the power step (the authors multiply twice).
 
@@ -306,12 +305,13 @@ class SOAP(RefreshCounts, Optimizer):
     steps (4e-3 observed; fp32: 1e-7), the tolerance the tests pin. On the GPU, Householder's
     QR factorisations run over a few CUDA streams (:func:`optimkit.linalg.batched_qr`).
 
-    Speed (one NVIDIA H100, ``optimkit bench speed-matrix``, a 0.6 B transformer-shaped list,
-    frequency 10, fresh gradients every step, a warm refresh timed, same-shaped parameters in
-    buckets): TF32 176-179 ms/step (median 102-105 ms, the refresh step 0.84 s; 2.4-2.5x its
-    TF32 matmul floor; no Householder fallback with ``--spectrum decaying``), fp32 634 ms/step
-    (1.20x its fp32 floor). On an H200, pytorch_optimizer 4.1.0's SOAP took 992 ms/step in the
-    run that timed optimkit's TF32 SOAP at 158 ms/step.
+    Speed (one NVIDIA H100, ``optimkit bench speed-matrix --spectrum decaying --peers``, a
+    0.6 B transformer-shaped list, frequency 10, fresh gradients every step, a warm refresh
+    timed, two runs): TF32 with the default Gram-Schmidt refresh 145-148 ms/step (median 94 ms,
+    the refresh step 0.61-0.63 s, 7 of 168 factorisations falling back to CholeskyQR2; 2.4-2.5x
+    its TF32 matmul floor of 59 ms), with ``qr_method="cholesky"`` 168 ms/step (refresh step
+    0.84 s); pytorch_optimizer 4.1.0's SOAP 1,004 ms/step in the same run (6.8x slower). fp32
+    (at an earlier commit): 634 ms/step, 1.20x its fp32 floor.
     """
 
     hyperparams = {
@@ -332,9 +332,9 @@ class SOAP(RefreshCounts, Optimizer):
             "fp32", Choice(MATMUL_PRECISIONS), "fp32: the authors'; tf32: optimkit's option"
         ),
         "qr_method": Hyper(
-            "cholesky",
+            "gram_schmidt",
             Choice(QR_METHODS),
-            "cholesky, gram_schmidt: optimkit's (the same Q factor from matrix products); "
+            "gram_schmidt, cholesky: optimkit's (the same Q factor from matrix products); "
             "householder: the authors' torch.linalg.qr",
         ),
         "qr_fp64": Hyper(

@@ -307,8 +307,8 @@ def test_tf32_matmuls_stay_close_to_the_fp64_reference():
 @pytest.mark.parametrize("block", [None, 2])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 def test_qr_methods_match_the_reference(monkeypatch, block, dtype, tol):
-    """qr_method="cholesky" (the default: CholeskyQR2 from matrix products), "gram_schmidt"
-    (block Gram-Schmidt; both blocked when the block size is below a side, here 2) and
+    """qr_method="gram_schmidt" (the default: block Gram-Schmidt from matrix products),
+    "cholesky" (CholeskyQR2; both blocked when the block size is below a side, here 2) and
     "householder" (the authors' torch.linalg.qr) all keep the fp64 reference's trajectory;
     they differ by rounding only."""
     import optimkit.linalg
@@ -316,12 +316,12 @@ def test_qr_methods_match_the_reference(monkeypatch, block, dtype, tol):
     if block is not None:
         monkeypatch.setattr(optimkit.linalg, "CHOLESKY_BLOCK", block)
         monkeypatch.setattr(optimkit.linalg, "GRAM_SCHMIDT_BLOCK", block)
-    cholesky_opt, cholesky, refs = run(dtype)
-    gram_schmidt_opt, gram_schmidt, _ = run(dtype, hp={"qr_method": "gram_schmidt"})
+    gram_schmidt_opt, gram_schmidt, refs = run(dtype)
+    cholesky_opt, cholesky, _ = run(dtype, hp={"qr_method": "cholesky"})
     _, householder, _ = run(dtype, hp={"qr_method": "householder"})
     for result in (gram_schmidt, cholesky, householder):
         assert_parity(result, refs, tol)
-    assert SOAP([torch.zeros(2, 2, requires_grad=True)]).defaults["qr_method"] == "cholesky"
+    assert SOAP([torch.zeros(2, 2, requires_grad=True)]).defaults["qr_method"] == "gram_schmidt"
     # the rank-one gradients of grads_for make some refreshes fall back: counted, still exact
     assert set(gram_schmidt_opt.refresh_counts) <= {"cholesky_fallbacks", "householder_fallbacks"}
     assert set(cholesky_opt.refresh_counts) <= {"householder_fallbacks"}
