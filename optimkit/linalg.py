@@ -312,13 +312,19 @@ def cholesky_qr2(
     decaying`` counts the fallbacks). Float64 products run at the fp32 rate on data-centre
     GPUs (H100's fp64 tensor cores) but far slower on consumer GPUs: pass False there."""
     block = CHOLESKY_BLOCK if block is None else block
-    norms = torch.linalg.vector_norm(stack, dim=-2, keepdim=True)
-    # a non-finite entry makes its column's norm non-finite: no separate pass over the stack
-    ok = ((norms > 0) & torch.isfinite(norms)).flatten(-2).all(-1)
-    y = stack / torch.where(norms > 0, norms, torch.ones_like(norms))
+    y, ok = _equilibrate_columns(stack)
     q, ok1 = _cholesky_qr_pass_(y, precision, block, factor_in_fp64)
     q, ok2 = _cholesky_qr_pass_(q, precision, block)
     return q, ok & ok1 & ok2 & _orthogonal(q, precision)
+
+
+def _equilibrate_columns(stack: Tensor) -> tuple[Tensor, Tensor]:
+    r""":math:`\hat Y = Y D^{-1}`, :math:`D = \mathrm{diag}(\|y_j\|)`, a new tensor (a zero
+    column stays zero), and ``ok``: False for a matrix with a zero or non-finite column (a
+    non-finite entry makes its column's norm non-finite: no separate pass over the stack)."""
+    norms = torch.linalg.vector_norm(stack, dim=-2, keepdim=True)
+    ok = ((norms > 0) & torch.isfinite(norms)).flatten(-2).all(-1)
+    return stack / torch.where(norms > 0, norms, torch.ones_like(norms)), ok
 
 
 def _panel_cholesky_qr_(panel: Tensor, precision: str) -> Tensor:
@@ -359,9 +365,7 @@ def block_gram_schmidt_qr(
     (a failed panel factorisation, a non-finite or zero column, or the orthogonality
     probe)."""
     block = GRAM_SCHMIDT_BLOCK if block is None else block
-    norms = torch.linalg.vector_norm(stack, dim=-2, keepdim=True)
-    ok = ((norms > 0) & torch.isfinite(norms)).flatten(-2).all(-1)
-    q = stack / torch.where(norms > 0, norms, torch.ones_like(norms))
+    q, ok = _equilibrate_columns(stack)
     n = q.size(-1)
     for start in range(0, n, block):
         panel = q[..., start : min(start + block, n)]

@@ -361,16 +361,22 @@ def test_matmul_qr_flags_what_it_cannot_factor(name):
             torch.testing.assert_close(q[i] @ (q[i].mT @ stack[i]), stack[i])
 
 
+def _statistics_with_an_unused_coordinate(count: int):
+    """``count`` 6x6 fp64 statistics, the first with a zero last row and column (a coordinate
+    that never had a gradient: a zero column in A Q), and identity bases."""
+    gen = torch.Generator().manual_seed(5)
+    full = torch.randn(count, 6, 6, generator=gen, dtype=torch.float64)
+    stats = full @ full.mT
+    stats[0, -1, :] = 0.0
+    stats[0, :, -1] = 0.0
+    return stats, torch.eye(6, dtype=torch.float64).expand(count, 6, 6).clone()
+
+
 def test_power_qr_gram_schmidt_falls_back_in_turn(monkeypatch):
     """method="gram_schmidt": a matrix block Gram-Schmidt flags takes CholeskyQR2, one that
     CholeskyQR2 flags too (a zero column of A Q) Householder's QR; each counted, every Q
     orthogonal and the one of each stage that stage's own."""
-    gen = torch.Generator().manual_seed(5)
-    full = torch.randn(3, 6, 6, generator=gen, dtype=torch.float64)
-    stats = full @ full.mT
-    stats[0, -1, :] = 0.0
-    stats[0, :, -1] = 0.0
-    basis = torch.eye(6, dtype=torch.float64).expand(3, 6, 6).clone()
+    stats, basis = _statistics_with_an_unused_coordinate(3)
     gram_schmidt = linalg.block_gram_schmidt_qr
 
     def flag_the_second(stack, precision="fp32", block=None, **options):  # and the failures
@@ -395,12 +401,7 @@ def test_power_qr_cholesky_falls_back_to_householder_and_counts():
     """A statistic with a zero row and column (a coordinate that never had a gradient) makes a
     zero column in A Q, which Cholesky cannot factor: that matrix takes Householder's QR
     (counted), the other keeps CholeskyQR2's; both orthogonal, the same order."""
-    gen = torch.Generator().manual_seed(5)
-    full = torch.randn(2, 6, 6, generator=gen, dtype=torch.float64)
-    stats = full @ full.mT
-    stats[0, -1, :] = 0.0
-    stats[0, :, -1] = 0.0
-    basis = torch.eye(6, dtype=torch.float64).expand(2, 6, 6).clone()
+    stats, basis = _statistics_with_an_unused_coordinate(2)
     counts = {}
     q, order, ok = eigenbasis_power_qr(stats, basis, method="cholesky", counts=counts)
     assert ok.all() and counts == {"householder_fallbacks": 1}
