@@ -66,8 +66,21 @@ CHOLESKY_BLOCK = 256
 #: rows on and right of the diagonal, then mirrored; blocks of :data:`GRAM_ROW_BLOCK` rows.
 GRAM_SYMMETRIC_MIN = 1024
 GRAM_ROW_BLOCK = 512
-#: column block of :func:`block_gram_schmidt_qr`.
+#: whether :func:`accumulate_gram_` may mirror a statistic by the Triton kernel
+#: :func:`optimkit.kernels.mirror.mirror_upper_` on CUDA (tests switch it off to compare).
+FUSED_MIRROR = True
+#: column block of :func:`block_gram_schmidt_qr`: :data:`GRAM_SCHMIDT_BLOCK`, and
+#: :data:`GRAM_SCHMIDT_WIDE_BLOCK` for matrices of at least :data:`GRAM_SCHMIDT_WIDE` columns
+#: (H100, TF32, the statistics of a training-like run: 128 is the fastest for 2048 columns,
+#: 256 for 5504: its projections are thin products, memory-bound at 128).
 GRAM_SCHMIDT_BLOCK = 128
+GRAM_SCHMIDT_WIDE = 4096
+GRAM_SCHMIDT_WIDE_BLOCK = 256
+#: :func:`block_gram_schmidt_qr` projects a panel once more (at most
+#: :data:`GRAM_SCHMIDT_EXTRA_PASSES` times) where its second projection kept less than this
+#: fraction of a column's norm: "twice is enough" does not hold there.
+GRAM_SCHMIDT_KEPT_MIN = 2**-0.5
+GRAM_SCHMIDT_EXTRA_PASSES = 2
 _QR_STREAMS = 4
 
 #: quintic Newton-Schulz coefficients (a, b, c) of Muon (K. Jordan's reference ``muon.py``).
@@ -124,7 +137,10 @@ def accumulate_gram_(
     batched GEMM. The unfolding is a view of ``x`` (no copy) for its first and last axis.
     From :data:`GRAM_SYMMETRIC_MIN` rows on, only the blocks of :data:`GRAM_ROW_BLOCK` rows on
     and right of the diagonal are multiplied (about half the products of the full matrix) and
-    the rest is their mirror image, so :math:`S` is exactly symmetric."""
+    the rest is their mirror image, so :math:`S` is exactly symmetric: on CUDA the whole
+    strict lower triangle is copied from the upper one by one Triton kernel
+    (:func:`optimkit.kernels.mirror.mirror_upper_`), elsewhere the blocks below the diagonal
+    blocks by transposed copies."""
     batch = statistic.dim() - 2
     if batch and len(statistic) == 1:  # a stack of one: the plain product (the same rounding)
         accumulate_gram_(statistic[0], x[0], dim, beta, weight, precision)
@@ -134,15 +150,30 @@ def accumulate_gram_(
     n = statistic.size(-1)
     if n < GRAM_SYMMETRIC_MIN:
         return matmul_accumulate_(statistic, unfolded, unfolded.mT, beta, weight, precision)
+    kernel = _mirror_kernel_takes(statistic)
     for start in range(0, n, GRAM_ROW_BLOCK):  # block rows on and right of the diagonal
         stop = min(start + GRAM_ROW_BLOCK, n)
         rows, columns = unfolded[..., start:stop, :], unfolded[..., start:, :]
         matmul_accumulate_(
             statistic[..., start:stop, start:], rows, columns.mT, beta, weight, precision
         )
-        if stop < n:  # mirrored below the diagonal: S stays exactly symmetric
+        if stop < n and not kernel:  # mirrored below the diagonal: S stays exactly symmetric
             statistic[..., stop:, start:stop].copy_(statistic[..., start:stop, stop:].mT)
+    if kernel:  # the whole strict lower triangle at once, from the upper one
+        from optimkit.kernels.mirror import mirror_upper_
+
+        mirror_upper_(statistic)
     return statistic
+
+
+def _mirror_kernel_takes(statistic: Tensor) -> bool:
+    """Whether :func:`accumulate_gram_` mirrors ``statistic`` by the Triton kernel (CUDA, a
+    contiguous stack, Triton importable)."""
+    if not (FUSED_MIRROR and statistic.is_cuda and statistic.is_contiguous()):
+        return False
+    from optimkit.kernels import triton_available
+
+    return triton_available()
 
 
 class _tf32:
@@ -206,7 +237,7 @@ def _blocked_cholesky_(
     gram: Tensor, precision: str, block: int
 ) -> tuple[list[Tensor], list[Tensor], Tensor]:
     r"""Upper Cholesky factor :math:`C = R^\top R` of a stack, right-looking by blocks of
-    ``block`` columns: the diagonal blocks by ``torch.linalg.cholesky_ex``, the panels and the
+    ``block`` columns: the diagonal blocks by :func:`_inverse_upper_cholesky`, the panels and the
     trailing updates by matrix products at ``precision``. Only the diagonal blocks and those
     above them are read and updated (:func:`_gram_upper`'s part). ``gram`` is overwritten (it
     holds the trailing matrices). Returns ``(panels, inverses, ok)``: the off-diagonal block
@@ -217,10 +248,8 @@ def _blocked_cholesky_(
     panels, inverses = [], []
     for start in range(0, n, block):
         stop = min(start + block, n)
-        diagonal, info = torch.linalg.cholesky_ex(gram[..., start:stop, start:stop], upper=True)
-        ok &= info == 0
-        eye = torch.eye(stop - start, dtype=gram.dtype, device=gram.device)
-        inverse = torch.linalg.solve_triangular(diagonal, eye, upper=True)
+        inverse, factored = _inverse_upper_cholesky(gram[..., start:stop, start:stop])
+        ok &= factored
         inverses.append(inverse)
         if stop < n:
             panel = matmul(inverse.mT, gram[..., start:stop, stop:], precision)
@@ -334,11 +363,18 @@ def _panel_cholesky_qr_(panel: Tensor, precision: str) -> Tensor:
     False where the Cholesky factorisation failed."""
     work = panel.double() if precision == "fp64" else panel
     product = "fp32" if precision == "fp64" else precision
-    factor, info = torch.linalg.cholesky_ex(matmul(work.mT, work, product), upper=True)
-    eye = torch.eye(panel.size(-1), dtype=work.dtype, device=panel.device)
-    inverse = torch.linalg.solve_triangular(factor, eye, upper=True)
+    inverse, ok = _inverse_upper_cholesky(matmul(work.mT, work, product))
     panel.copy_(matmul(work, inverse, product))
-    return info == 0
+    return ok
+
+
+def _inverse_upper_cholesky(gram: Tensor) -> tuple[Tensor, Tensor]:
+    r""":math:`R^{-1}` for the upper Cholesky factor :math:`R^\top R = G` of each matrix of a
+    stack (only the upper triangle of :math:`G` is read), and ``ok``: False where :math:`G` is
+    not numerically positive definite (``cholesky_ex``'s ``info``)."""
+    factor, info = torch.linalg.cholesky_ex(gram, upper=True)
+    eye = torch.eye(gram.size(-1), dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve_triangular(factor, eye, upper=True), info == 0
 
 
 def block_gram_schmidt_qr(
@@ -360,22 +396,56 @@ def block_gram_schmidt_qr(
     first panel factorisation, of a possibly ill-conditioned panel, is a CholeskyQR pass in
     float64, the second, of a nearly orthonormal one, a pass at ``precision``
     (:func:`_panel_cholesky_qr_`); ``factor_in_fp64=False`` runs that first pass at
-    ``precision`` too (for GPUs whose float64 products are slow). Every column block is one
+    ``precision`` too (for GPUs whose float64 products are slow). "Twice is enough" needs the
+    first projection to keep more than the products' rounding of a column: where a column of
+    :math:`\hat Y_j` lies within about :math:`u` of the span of :math:`Q_{<j}` (a stale
+    basis's tail at TF32, :math:`u = 2^{-11}`), the second projection still removes most of
+    what is left and the panel is not orthogonal to :math:`Q_{<j}`. So wherever the second
+    projection kept less than :data:`GRAM_SCHMIDT_KEPT_MIN` (:math:`1/\sqrt 2`, the classic
+    criterion) of a column's norm, that matrix's panel is projected and factored once more,
+    up to :data:`GRAM_SCHMIDT_EXTRA_PASSES` times (one host read a panel; only the matrices
+    that need it). Every column block is one
     batched product over the stack. Returns ``(Q, ok)`` with ``ok`` as :func:`cholesky_qr2`'s
     (a failed panel factorisation, a non-finite or zero column, or the orthogonality
     probe)."""
-    block = GRAM_SCHMIDT_BLOCK if block is None else block
     q, ok = _equilibrate_columns(stack)
     n = q.size(-1)
+    if block is None:
+        block = GRAM_SCHMIDT_WIDE_BLOCK if n >= GRAM_SCHMIDT_WIDE else GRAM_SCHMIDT_BLOCK
     for start in range(0, n, block):
-        panel = q[..., start : min(start + block, n)]
-        done = q[..., :start]
-        for panel_precision in ("fp64" if factor_in_fp64 else precision, precision):
-            if start:
-                coefficients = matmul(done.mT, panel, precision)
-                matmul_accumulate_(panel, done, coefficients, 1.0, -1.0, precision)
-            ok &= _panel_cholesky_qr_(panel, panel_precision)
+        stop = min(start + block, n)
+        panel = q[..., start:stop]
+        if start:
+            _project_out_(panel, q[..., :start], precision)
+        ok &= _panel_cholesky_qr_(panel, "fp64" if factor_in_fp64 else precision)
+        if not start:
+            ok &= _panel_cholesky_qr_(panel, precision)
+            continue
+        kept = _project_out_(panel, q[..., :start], precision)
+        ok &= _panel_cholesky_qr_(panel, precision)
+        for _ in range(GRAM_SCHMIDT_EXTRA_PASSES):
+            lost = (kept < GRAM_SCHMIDT_KEPT_MIN).nonzero()  # one host read a panel
+            if not len(lost):
+                break
+            index = (*lost.T, slice(None), slice(None, stop))
+            matrices = q[index]  # the few matrices that lost orthogonality, up to this panel
+            redo = matrices[..., start:]
+            kept = torch.ones_like(kept)
+            kept[index[:-2]] = _project_out_(redo, matrices[..., :start], precision)
+            ok[index[:-2]] &= _panel_cholesky_qr_(redo, precision)
+            q[index] = matrices
     return q, ok & _orthogonal(q, precision)
+
+
+def _project_out_(panel: Tensor, basis: Tensor, precision: str) -> Tensor:
+    r""":math:`W \leftarrow W - B (B^\top W)` in place (two matrix products at ``precision``)
+    for orthonormal columns :math:`B`; returns, per matrix, the smallest ratio of a column's
+    norm after to before (1 for a column that was orthogonal to :math:`B`)."""
+    before = torch.linalg.vector_norm(panel, dim=-2)
+    coefficients = matmul(basis.mT, panel, precision)
+    matmul_accumulate_(panel, basis, coefficients, 1.0, -1.0, precision)
+    after = torch.linalg.vector_norm(panel, dim=-2)
+    return (after / torch.where(before > 0, before, torch.ones_like(before))).amin(-1)
 
 
 def _orthogonal(q: Tensor, precision: str) -> Tensor:

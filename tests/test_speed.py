@@ -94,6 +94,11 @@ def test_matrix_flop_counts():
     # the estimate for SOAP at frequency 10 on this list: about 2.5e13 FLOPs a step,
     # 2.3e13 with the statistics as symmetric products (half of each)
     assert 2.1e13 < speed_matrix.soap_flops(shapes, 10) < 2.6e13
+    # one 4x6 matrix at frequency 1: statistics and rotations 2.5 x (2*4*24 + 2*6*24); the
+    # refresh per side k: power step and Q 4 k^3, the momentum back and into (2 k * 24 each)
+    # or by Q_new^T Q_old (2 k^3 + 2 k * 24), the cheaper: k=4 forms it, k=6 does not
+    refresh = (4 * 64 + 192 + min(192, 2 * 64)) + (4 * 216 + 288 + min(288, 2 * 216))
+    assert speed_matrix.soap_flops([(4, 6)], 1) == 2.5 * (192 + 288) + refresh
     # one 4x6 matrix: Newton-Schulz, 5 iterations of 4 k^2 l + 2 k^3 with k=4, l=6
     assert speed_matrix.muon_flops([(4, 6)]) == 5 * (4 * 16 * 6 + 2 * 64)
     # Shampoo's blocks of a 5x3 matrix with block 2: (2,2),(2,1),(2,2),(2,1),(1,2),(1,1)

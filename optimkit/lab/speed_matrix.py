@@ -64,15 +64,22 @@ def _matrices(shapes: Sequence[tuple[int, ...]]) -> list[tuple[int, int]]:
 def soap_flops(shapes, frequency: int, max_dim: int = 10000) -> float:
     """Per step: both statistics, as symmetric products (m^2 n + m n^2: the half on and above
     the diagonal, which is all a symmetric product needs), the gradient into the eigenbasis
-    and the update back (2 x (2 m^2 n + 2 m n^2)); every ``frequency`` steps, per side, one
-    power iteration (2 k^3) and a QR (4/3 k^3) plus the momentum's rotation
-    (2 m^2 n + 2 m n^2)."""
+    and the update back (2 x (2 m^2 n + 2 m n^2)); every ``frequency`` steps, per side of
+    size k: one power iteration (2 k^3), a QR's Q factor (2 k^3: one Gram-Schmidt pass, the
+    least any QR takes to form Q; Householder's R and Q take 8/3 k^3) and the momentum's
+    rotation to the new basis, the cheaper of the two ways: back by the old basis and into
+    the new one (2 x 2 k m n), or one product by Q_new^T Q_old after forming it
+    (2 k m n + 2 k^3)."""
     total = 0.0
     for m, n in _matrices(shapes):
         sides = [k for k in (m, n) if k <= max_dim]
         rotate = sum(2 * k * m * n for k in sides)  # one side: 2 k * (m n)
         total += 2.5 * rotate  # statistics (half a rotation), into and out of the eigenbasis
-        total += (sum((2 + 4 / 3) * k**3 for k in sides) + rotate) / frequency
+        refresh = 0.0
+        for k in sides:
+            one_side = 2 * k * m * n
+            refresh += (2 + 2) * k**3 + one_side + min(one_side, 2 * k**3)
+        total += refresh / frequency
     return total
 
 
