@@ -456,3 +456,19 @@ def test_power_qr_passes_factor_in_fp64_on(monkeypatch, method, factor_in_fp64):
     assert seen == expected
     assert ok.all()
     torch.testing.assert_close(q.mT @ q, torch.eye(6).expand(2, 6, 6), atol=1e-5, rtol=0)
+
+
+def test_distance_to_identity_is_the_max_entry_of_m_minus_i():
+    """max |M - I| per matrix, exactly as the subtraction gives it, the stack left unchanged
+    (its diagonal is zeroed and restored); a NaN anywhere propagates."""
+    gen = torch.Generator().manual_seed(5)
+    stack = torch.eye(6) + 1e-3 * torch.randn(4, 6, 6, generator=gen)
+    stack[1, 2, 2] = 1.5  # the largest entry on the diagonal
+    stack[2, 0, 5] = -0.25  # off the diagonal
+    stack[3, 4, 1] = float("nan")
+    original = stack.clone()
+    expected = (stack - torch.eye(6)).abs().amax((-2, -1))
+    distance = linalg._distance_to_identity(stack)
+    assert torch.equal(distance[:3], expected[:3]) and torch.isnan(distance[3])
+    assert torch.equal(torch.nan_to_num(stack), torch.nan_to_num(original))
+    assert distance[1] == 0.5 and distance[2] == 0.25

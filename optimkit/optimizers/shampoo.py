@@ -346,8 +346,10 @@ class Shampoo(RefreshCounts, Optimizer):
             shaped = grad.reshape(work)
             exponent = hp["inverse_exponent_override"] or 2 * len(work)
             refresh = t % hp["preconditioning_compute_steps"] == 0
+            split = None
             if packed is not None:  # every block at once
-                self.update_block_statistics_batched(packed, packed.split(shaped), hp["beta2"])
+                split = packed.split(shaped)  # a copy, shared with the preconditioning
+                self.update_block_statistics_batched(packed, split, hp["beta2"])
                 if refresh:
                     for i in range(2):
                         key = (packed.size[i], exponent)
@@ -367,7 +369,7 @@ class Shampoo(RefreshCounts, Optimizer):
                                 _write_roots(state[f"root{b}_{i}"][None]),
                             )
                         )
-            items.append((p, grad, state, t, work, blocks, packed))
+            items.append((p, grad, state, t, work, blocks, packed, split))
         for (_, exponent), entries in requests.items():
             stack = torch.cat([stats for _, stats, _ in entries])
             roots, ok = self.compute_block_roots(stack, exponent, hp)
@@ -381,8 +383,7 @@ class Shampoo(RefreshCounts, Optimizer):
             for (state, _, _), failures in zip(entries, torch.stack(failed).tolist()):
                 for _ in range(int(failures)):  # one read-back per block size
                     self._record_failure(state)
-        for p, grad, state, t, work, blocks, packed in items:
-            self._apply(p, grad, state, t, work, blocks, hp, packed)
+        self._apply(items, hp)
 
     def update_block_statistics_batched(
         self, packed: _MatrixBlocks, blocks: Tensor, beta2: float
@@ -444,47 +445,80 @@ class Shampoo(RefreshCounts, Optimizer):
                 stacklevel=4,
             )
 
-    def _graft_direction(self, grad: Tensor, state: dict, t: int, hp: Mapping) -> Tensor:
+    def _graft_directions(self, items: list[tuple], hp: Mapping) -> list[Tensor]:
+        """The diagonal method's direction :math:`D` of every parameter (``grad`` itself for
+        SGD grafting), by multi-tensor ops over the group."""
+        grads = [item[1] for item in items]
         if hp["graft"] == "adagrad":
-            return grad / (state["graft_sum_sq"].sqrt() + hp["diagonal_eps"])
-        if hp["graft"] == "adam":
-            v_hat = state["graft_exp_avg_sq"] / (1 - hp["graft_beta2"] ** t)
-            return grad / (v_hat.sqrt() + hp["diagonal_eps"])
-        return grad
-
-    def _apply(self, p, grad, state, t, work, blocks, hp, packed=None) -> None:
-        graft = self._graft_direction(grad, state, t, hp)
-        if t >= hp["start_preconditioning_step"]:
-            if packed is not None:  # L^T G R for every block at once (precondition_block)
-                split = packed.split(grad.reshape(work))
-                left, right = packed.roots
-                out = left.transpose(1, 2) @ split @ right
-                direction = packed.join(out).reshape(grad.shape)
-            elif blocks:
-                shaped = grad.reshape(work)
-                direction = torch.empty_like(shaped)
-                for b, index in enumerate(blocks):
-                    roots = [state[f"root{b}_{i}"] for i in range(len(work))]
-                    direction[index] = precondition_block(shaped[index], roots)
-                direction = direction.reshape(grad.shape)
-            else:
-                direction = grad.clone()
-            if hp["graft"] != "none":
-                scale = torch.linalg.vector_norm(graft) / (
-                    torch.linalg.vector_norm(direction) + 1e-16
-                )
-                direction.mul_(scale)
+            sums = [item[2]["graft_sum_sq"] for item in items]
+            denominators = torch._foreach_sqrt(sums)
+        elif hp["graft"] == "adam":
+            corrections = [1 - hp["graft_beta2"] ** item[3] for item in items]
+            moments = [item[2]["graft_exp_avg_sq"] for item in items]
+            denominators = torch._foreach_sqrt(torch._foreach_div(moments, corrections))
         else:
-            direction = graft.clone()
+            return grads
+        torch._foreach_add_(denominators, hp["diagonal_eps"])
+        return torch._foreach_div(grads, denominators)
+
+    def _precondition(self, grad, state, work, blocks, packed, split) -> Tensor:
+        """Shampoo's direction :math:`\tilde G` of one parameter (a new tensor)."""
+        if packed is not None:  # L^T G R for every block at once (precondition_block)
+            left, right = packed.roots
+            out = left.transpose(1, 2) @ split @ right
+            return packed.join(out).reshape(grad.shape)
+        if blocks:
+            shaped = grad.reshape(work)
+            direction = torch.empty_like(shaped)
+            for b, index in enumerate(blocks):
+                roots = [state[f"root{b}_{i}"] for i in range(len(work))]
+                direction[index] = precondition_block(shaped[index], roots)
+            return direction.reshape(grad.shape)
+        return grad.clone()
+
+    def _apply(self, items: list[tuple], hp: Mapping) -> None:
+        """Grafting, weight decay, momentum and the update for every parameter of the group:
+        the preconditioning per parameter, the elementwise rest by multi-tensor ops (a few
+        launches for the whole group instead of a dozen per parameter)."""
+        if not items:
+            return
+        grafts = self._graft_directions(items, hp)
+        directions, scaled, graft_of_scaled = [], [], []
+        for (_, grad, state, t, work, blocks, packed, split), graft in zip(items, grafts):
+            if t >= hp["start_preconditioning_step"]:
+                direction = self._precondition(grad, state, work, blocks, packed, split)
+                if hp["graft"] != "none":
+                    scaled.append(direction)
+                    graft_of_scaled.append(graft)
+            else:
+                direction = graft.clone() if graft is grad else graft
+            directions.append(direction)
+        if scaled:  # d = G~ |D| / (|G~| + 1e-16)
+            graft_norms = torch.stack(torch._foreach_norm(graft_of_scaled))
+            norms = torch.stack(torch._foreach_norm(scaled))
+            scales = graft_norms / (norms + 1e-16)
+            for direction, scale in zip(scaled, scales.unbind()):
+                direction.mul_(scale)
+        params = [item[0] for item in items]
         if hp["weight_decay"] != 0.0:
-            direction.add_(p.to(direction.dtype), alpha=hp["weight_decay"])
-        momentum = state["momentum"]
-        momentum.mul_(hp["momentum"]).add_(direction)
-        update = direction.add_(momentum, alpha=hp["momentum"]) if hp["nesterov"] else momentum
-        work_p = p if p.dtype == update.dtype else p.to(update.dtype)
-        work_p.add_(update, alpha=-hp["lr"])
-        if work_p is not p:
-            p.copy_(work_p)
+            weights = [p.to(d.dtype) for p, d in zip(params, directions)]
+            torch._foreach_add_(directions, weights, alpha=hp["weight_decay"])
+        momenta = [item[2]["momentum"] for item in items]
+        torch._foreach_mul_(momenta, hp["momentum"])
+        torch._foreach_add_(momenta, directions)
+        if hp["nesterov"]:
+            torch._foreach_add_(directions, momenta, alpha=hp["momentum"])
+            updates = directions
+        else:
+            updates = momenta
+        same = [i for i, p in enumerate(params) if p.dtype == updates[i].dtype]
+        if same:
+            torch._foreach_add_(
+                [params[i] for i in same], [updates[i] for i in same], alpha=-hp["lr"]
+            )
+        for p, update in zip(params, updates):  # bf16/fp16 weights, fp32 state
+            if p.dtype != update.dtype:
+                p.copy_(p.to(update.dtype).add_(update, alpha=-hp["lr"]))
 
 
 def _write_roots(target: Tensor) -> Callable[[Tensor, Tensor], None]:

@@ -580,7 +580,7 @@ class SOAP(RefreshCounts, Optimizer):
         stats: Tensor,
         bases: Tensor,
         precision: str = "fp32",
-        qr_method: str = "householder",
+        qr_method: str = "gram_schmidt",
         qr_fp64: bool = True,
     ) -> tuple[Tensor, ...]:
         """New eigenbases for a stack of same-sized statistics (one independent problem per
@@ -597,7 +597,7 @@ class SOAP(RefreshCounts, Optimizer):
         self,
         requests: Mapping[tuple, list[tuple[_Bucket, int]]],
         precision: str = "fp32",
-        qr_method: str = "householder",
+        qr_method: str = "gram_schmidt",
         qr_fp64: bool = True,
     ) -> None:
         for (_, kind), entries in requests.items():
