@@ -76,9 +76,9 @@ FUSED_MIRROR = True
 GRAM_SCHMIDT_BLOCK = 128
 GRAM_SCHMIDT_WIDE = 4096
 GRAM_SCHMIDT_WIDE_BLOCK = 256
-#: :func:`block_gram_schmidt_qr` projects a panel once more (at most
-#: :data:`GRAM_SCHMIDT_EXTRA_PASSES` times) where its second projection kept less than this
-#: fraction of a column's norm: "twice is enough" does not hold there.
+#: :func:`block_gram_schmidt_qr` projects a panel once more where a lower bound of the
+#: smallest singular value of its second projection is below this (its columns had unit
+#: norm), at most :data:`GRAM_SCHMIDT_EXTRA_PASSES` times.
 GRAM_SCHMIDT_KEPT_MIN = 2**-0.5
 GRAM_SCHMIDT_EXTRA_PASSES = 2
 _QR_STREAMS = 4
@@ -356,16 +356,22 @@ def _equilibrate_columns(stack: Tensor) -> tuple[Tensor, Tensor]:
     return stack / torch.where(norms > 0, norms, torch.ones_like(norms)), ok
 
 
-def _panel_cholesky_qr_(panel: Tensor, precision: str) -> Tensor:
+def _panel_cholesky_qr_(panel: Tensor, precision: str) -> tuple[Tensor, Tensor]:
     r"""One CholeskyQR pass on a tall panel ``(..., n, b)`` in place, :math:`W \leftarrow W
     R^{-1}` with :math:`R^\top R = W^\top W`: at ``precision``, or, for ``"fp64"``, its Gram
-    matrix, Cholesky factor and product in float64 (:math:`4 n b^2` FLOPs). Returns ``ok``,
-    False where the Cholesky factorisation failed."""
+    matrix, Cholesky factor and product in float64 (:math:`4 n b^2` FLOPs). Returns ``(ok,
+    kept)``: ``ok`` False where the Cholesky factorisation failed; ``kept`` a lower bound of
+    the smallest singular value of :math:`W`, :math:`1/\sqrt{\|R^{-1}\|_1
+    \|R^{-1}\|_\infty}` (by how much the normalisation can amplify an error of
+    :math:`W`)."""
     work = panel.double() if precision == "fp64" else panel
     product = "fp32" if precision == "fp64" else precision
     inverse, ok = _inverse_upper_cholesky(matmul(work.mT, work, product))
     panel.copy_(matmul(work, inverse, product))
-    return ok
+    magnitude = inverse.abs()  # ||R^-1||_2 <= sqrt(||R^-1||_1 ||R^-1||_inf)
+    gain = (magnitude.sum(-2).amax(-1) * magnitude.sum(-1).amax(-1)).sqrt()
+    kept = torch.nan_to_num(1 / gain, nan=0.0).to(torch.float32)
+    return ok, kept
 
 
 def _inverse_upper_cholesky(gram: Tensor) -> tuple[Tensor, Tensor]:
@@ -396,56 +402,65 @@ def block_gram_schmidt_qr(
     first panel factorisation, of a possibly ill-conditioned panel, is a CholeskyQR pass in
     float64, the second, of a nearly orthonormal one, a pass at ``precision``
     (:func:`_panel_cholesky_qr_`); ``factor_in_fp64=False`` runs that first pass at
-    ``precision`` too (for GPUs whose float64 products are slow). "Twice is enough" needs the
-    first projection to keep more than the products' rounding of a column: where a column of
-    :math:`\hat Y_j` lies within about :math:`u` of the span of :math:`Q_{<j}` (a stale
-    basis's tail at TF32, :math:`u = 2^{-11}`), the second projection still removes most of
-    what is left and the panel is not orthogonal to :math:`Q_{<j}`. So wherever the second
-    projection kept less than :data:`GRAM_SCHMIDT_KEPT_MIN` (:math:`1/\sqrt 2`, the classic
-    criterion) of a column's norm, that matrix's panel is projected and factored once more,
-    up to :data:`GRAM_SCHMIDT_EXTRA_PASSES` times (one host read a panel; only the matrices
-    that need it). Every column block is one
-    batched product over the stack. Returns ``(Q, ok)`` with ``ok`` as :func:`cholesky_qr2`'s
-    (a failed panel factorisation, a non-finite or zero column, or the orthogonality
-    probe)."""
+    ``precision`` too (for GPUs whose float64 products are slow).
+
+    "Twice is enough" fails where the first projection keeps less than about the products'
+    unit roundoff :math:`u` of a column (a stale basis's tail at TF32, :math:`u = 2^{-11}`):
+    the second projection then removes most of what is left, and the normalisation
+    :math:`W R^{-1}` amplifies its rounding error along :math:`Q_{<j}` by
+    :math:`\|R^{-1}\|_2 = 1/\sigma_{min}(W)`. So where the bound
+    :math:`1/\sqrt{\|R^{-1}\|_1 \|R^{-1}\|_\infty} \le \sigma_{min}(W)` of the second
+    projection is below :data:`GRAM_SCHMIDT_KEPT_MIN` (:math:`1/\sqrt 2`, the criterion of
+    Daniel, Gragg, Kaufman & Stewart 1976, here for the panel, whose columns had unit norm),
+    that matrix's panel is projected and factored once more, up to
+    :data:`GRAM_SCHMIDT_EXTRA_PASSES` times (one host read a pass; only the matrices that
+    need it). Every column block is one batched product over the stack. Returns ``(Q, ok)``
+    with ``ok`` as :func:`cholesky_qr2`'s (a failed panel factorisation, a non-finite or zero
+    column, or the orthogonality probe)."""
     q, ok = _equilibrate_columns(stack)
     n = q.size(-1)
     if block is None:
         block = GRAM_SCHMIDT_WIDE_BLOCK if n >= GRAM_SCHMIDT_WIDE else GRAM_SCHMIDT_BLOCK
+    first = "fp64" if factor_in_fp64 else precision
     for start in range(0, n, block):
         stop = min(start + block, n)
         panel = q[..., start:stop]
-        if start:
-            _project_out_(panel, q[..., :start], precision)
-        ok &= _panel_cholesky_qr_(panel, "fp64" if factor_in_fp64 else precision)
         if not start:
-            ok &= _panel_cholesky_qr_(panel, precision)
+            ok &= _panel_cholesky_qr_(panel, first)[0]
+            ok &= _panel_cholesky_qr_(panel, precision)[0]
             continue
-        kept = _project_out_(panel, q[..., :start], precision)
-        ok &= _panel_cholesky_qr_(panel, precision)
+        _project_out_(panel, q[..., :start], precision)
+        ok &= _panel_cholesky_qr_(panel, first)[0]
+        _project_out_(panel, q[..., :start], precision)
+        factored, kept = _panel_cholesky_qr_(panel, precision)
+        ok &= factored
         for _ in range(GRAM_SCHMIDT_EXTRA_PASSES):
-            lost = (kept < GRAM_SCHMIDT_KEPT_MIN).nonzero()  # one host read a panel
-            if not len(lost):
+            lost = kept < GRAM_SCHMIDT_KEPT_MIN
+            where = lost.nonzero()  # one host read a pass
+            if not len(where):
                 break
-            index = (*lost.T, slice(None), slice(None, stop))
-            matrices = q[index]  # the few matrices that lost orthogonality, up to this panel
+            if len(where) == lost.numel():  # every matrix: the whole stack, no copies
+                _project_out_(panel, q[..., :start], precision)
+                factored, kept = _panel_cholesky_qr_(panel, precision)
+                ok &= factored
+                continue
+            index = (*where.T, slice(None), slice(None, stop))
+            matrices = q[index]  # the matrices that lost orthogonality, up to this panel
             redo = matrices[..., start:]
+            _project_out_(redo, matrices[..., :start], precision)
+            factored, kept_redone = _panel_cholesky_qr_(redo, precision)
+            ok[index[:-2]] &= factored
             kept = torch.ones_like(kept)
-            kept[index[:-2]] = _project_out_(redo, matrices[..., :start], precision)
-            ok[index[:-2]] &= _panel_cholesky_qr_(redo, precision)
+            kept[index[:-2]] = kept_redone
             q[index] = matrices
     return q, ok & _orthogonal(q, precision)
 
 
 def _project_out_(panel: Tensor, basis: Tensor, precision: str) -> Tensor:
     r""":math:`W \leftarrow W - B (B^\top W)` in place (two matrix products at ``precision``)
-    for orthonormal columns :math:`B`; returns, per matrix, the smallest ratio of a column's
-    norm after to before (1 for a column that was orthogonal to :math:`B`)."""
-    before = torch.linalg.vector_norm(panel, dim=-2)
+    for orthonormal columns :math:`B`. Returns ``panel``."""
     coefficients = matmul(basis.mT, panel, precision)
-    matmul_accumulate_(panel, basis, coefficients, 1.0, -1.0, precision)
-    after = torch.linalg.vector_norm(panel, dim=-2)
-    return (after / torch.where(before > 0, before, torch.ones_like(before))).amin(-1)
+    return matmul_accumulate_(panel, basis, coefficients, 1.0, -1.0, precision)
 
 
 def _orthogonal(q: Tensor, precision: str) -> Tensor:

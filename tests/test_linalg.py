@@ -214,7 +214,7 @@ def _same_up_to_column_signs(q, reference):
 def test_matmul_qr_is_householders_q_up_to_signs(name, block):
     """Blocked (block 4, 5: uneven last block) and unblocked CholeskyQR2 and block Gram-Schmidt
     give torch.linalg.qr's Q factor in fp64 (columns may differ in sign), orthogonal, and
-    report success."""
+    report success; in fp32 and TF32 within their rounding."""
     qr = getattr(linalg, name)
     gen = torch.Generator().manual_seed(3)
     stack = torch.randn(3, 13, 13, generator=gen, dtype=torch.float64)
@@ -228,7 +228,10 @@ def test_matmul_qr_is_householders_q_up_to_signs(name, block):
     q32, ok32 = qr(stack.float(), block=block)
     assert ok32.all() and _same_up_to_column_signs(q32.double(), q) < 1e-4
     q_tf32, ok_tf32 = qr(stack.float(), "tf32", block=block)
-    assert ok_tf32.all() and 1e-6 < _same_up_to_column_signs(q_tf32.double(), q) < 5e-2
+    assert ok_tf32.all() and _same_up_to_column_signs(q_tf32.double(), q) < 5e-2
+    if name == "cholesky_qr2" or block < 13:  # TF32 products took part (Gram-Schmidt's one
+        # panel of 13 columns is only factored in fp64)
+        assert _same_up_to_column_signs(q_tf32.double(), q) > 1e-6
     assert (q_tf32.mT @ q_tf32 - torch.eye(13)).abs().amax() < 2e-2
 
 
@@ -252,7 +255,7 @@ def test_block_gram_schmidt_qr_on_stale_basis_products(monkeypatch):
     to signs at fp32 rounding and an orthogonal Q at TF32 (emulated) that diagonalises A as
     well as Householder's does, to TF32 rounding. At condition ~2e6 two TF32 projections
     cannot keep the trailing blocks orthogonal (flagged when the extra passes are off); the
-    extra passes on the panels whose second projection lost norm restore orthogonality to
+    extra passes on the panels whose second projection is ill conditioned restore it to
     TF32's rounding, and the basis diagonalises A as well as fp32 Householder's."""
 
     def off_diagonal(a, q):
