@@ -211,10 +211,13 @@ class Shampoo(RefreshCounts, Optimizer):
     computed in one batched call; other tensors take a loop over their blocks. On a GPU,
     ``root_method="newton"`` (the authors' iteration: batched matrix products) is far faster
     than ``"eigh"`` (torch's batched ``eigh`` of 128 x 128 matrices runs one matrix at a time).
-    One NVIDIA H200, ``optimkit bench speed-matrix`` on a 0.6 B transformer-shaped list with
-    ``root_method="newton"``, roots every 10 steps: 99 ms/step (median 46 ms, the refresh step
-    0.57 s), 3.6x the fp32 matmul work it runs (statistics, preconditioning and the roots'
-    products, counted in ``opt.refresh_counts["root_matmul_flops"]``).
+    The elementwise rest of the step (grafting, weight decay, momentum, the update) runs as
+    multi-tensor ops over the group. One NVIDIA H100, ``optimkit bench speed-matrix
+    --spectrum decaying`` on a 0.6 B transformer-shaped list with ``root_method="newton"``,
+    roots every 10 steps: 82-95 ms/step across three machines (median 43-47 ms, the refresh
+    step 0.43-0.48 s), 2.6-3.0x the fp32 matmul work it runs (statistics, preconditioning and
+    the roots' products, counted in ``opt.refresh_counts["root_matmul_flops"]``); the regular
+    step is bound by the host's kernel launches, so it varies with the machine's CPU.
     """
 
     hyperparams = {

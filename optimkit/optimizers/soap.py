@@ -307,11 +307,10 @@ class SOAP(RefreshCounts, Optimizer):
 
     Speed (one NVIDIA H100, ``optimkit bench speed-matrix --spectrum decaying --peers``, a
     0.6 B transformer-shaped list, frequency 10, fresh gradients every step, a warm refresh
-    timed, two runs): TF32 with the default Gram-Schmidt refresh 145-148 ms/step (median 94 ms,
-    the refresh step 0.61-0.63 s, 7 of 168 factorisations falling back to CholeskyQR2; 2.4-2.5x
-    its TF32 matmul floor of 59 ms), with ``qr_method="cholesky"`` 168 ms/step (refresh step
-    0.84 s); pytorch_optimizer 4.1.0's SOAP 1,004 ms/step in the same run (6.8x slower). fp32
-    (at an earlier commit): 634 ms/step, 1.20x its fp32 floor.
+    timed): TF32 with the default Gram-Schmidt refresh 136-137 ms/step (median 90 ms, the
+    refresh step 0.55-0.56 s, at most 1 of 168 factorisations falling back to CholeskyQR2;
+    2.2x its TF32 matmul floor of 63 ms), pytorch_optimizer 4.1.0's SOAP 1,001-1,018 ms/step
+    in the same runs (7.3-7.4x slower). fp32 (at an earlier commit): 634 ms/step.
     """
 
     hyperparams = {
