@@ -38,6 +38,7 @@ from optimkit.linalg import (
     matmul_accumulate_,
 )
 from optimkit.optimizers._refresh import RefreshCounts
+from optimkit.optimizers.muon import apply_update
 from optimkit.registry import REFERENCE_SHAPES, Paper, register
 
 __all__ = ["Shampoo", "merge_small_dims", "block_slices"]
@@ -521,7 +522,7 @@ class Shampoo(RefreshCounts, Optimizer):
             )
         for p, update in zip(params, updates):  # bf16/fp16 weights, fp32 state
             if p.dtype != update.dtype:
-                p.copy_(p.to(update.dtype).add_(update, alpha=-hp["lr"]))
+                apply_update(p, update, hp["lr"])
 
 
 def _write_roots(target: Tensor) -> Callable[[Tensor, Tensor], None]:
