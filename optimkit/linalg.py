@@ -360,18 +360,22 @@ def _panel_cholesky_qr_(panel: Tensor, precision: str) -> tuple[Tensor, Tensor]:
     r"""One CholeskyQR pass on a tall panel ``(..., n, b)`` in place, :math:`W \leftarrow W
     R^{-1}` with :math:`R^\top R = W^\top W`: at ``precision``, or, for ``"fp64"``, its Gram
     matrix, Cholesky factor and product in float64 (:math:`4 n b^2` FLOPs). Returns ``(ok,
-    kept)``: ``ok`` False where the Cholesky factorisation failed; ``kept`` a lower bound of
-    the smallest singular value of :math:`W`, :math:`1/\sqrt{\|R^{-1}\|_1
-    \|R^{-1}\|_\infty}` (by how much the normalisation can amplify an error of
-    :math:`W`)."""
+    inverse)``: ``ok`` False where the Cholesky factorisation failed, and :math:`R^{-1}`."""
     work = panel.double() if precision == "fp64" else panel
     product = "fp32" if precision == "fp64" else precision
     inverse, ok = _inverse_upper_cholesky(matmul(work.mT, work, product))
     panel.copy_(matmul(work, inverse, product))
-    magnitude = inverse.abs()  # ||R^-1||_2 <= sqrt(||R^-1||_1 ||R^-1||_inf)
+    return ok, inverse
+
+
+def _smallest_singular_value_bound(inverse: Tensor) -> Tensor:
+    r"""A lower bound of :math:`\sigma_{min}(W)` from the inverse factor :math:`R^{-1}` of
+    :math:`W = QR`: :math:`1/\sqrt{\|R^{-1}\|_1 \|R^{-1}\|_\infty}`, since
+    :math:`\|R^{-1}\|_2 \le \sqrt{\|R^{-1}\|_1 \|R^{-1}\|_\infty}` (by how much the
+    normalisation :math:`W R^{-1}` can amplify an error of :math:`W`); 0 where not finite."""
+    magnitude = inverse.abs()
     gain = (magnitude.sum(-2).amax(-1) * magnitude.sum(-1).amax(-1)).sqrt()
-    kept = torch.nan_to_num(1 / gain, nan=0.0).to(torch.float32)
-    return ok, kept
+    return torch.nan_to_num(1 / gain, nan=0.0).to(torch.float32)
 
 
 def _inverse_upper_cholesky(gram: Tensor) -> tuple[Tensor, Tensor]:
@@ -432,8 +436,9 @@ def block_gram_schmidt_qr(
         _project_out_(panel, q[..., :start], precision)
         ok &= _panel_cholesky_qr_(panel, first)[0]
         _project_out_(panel, q[..., :start], precision)
-        factored, kept = _panel_cholesky_qr_(panel, precision)
+        factored, inverse = _panel_cholesky_qr_(panel, precision)
         ok &= factored
+        kept = _smallest_singular_value_bound(inverse)
         for _ in range(GRAM_SCHMIDT_EXTRA_PASSES):
             lost = kept < GRAM_SCHMIDT_KEPT_MIN
             where = lost.nonzero()  # one host read a pass
@@ -441,17 +446,18 @@ def block_gram_schmidt_qr(
                 break
             if len(where) == lost.numel():  # every matrix: the whole stack, no copies
                 _project_out_(panel, q[..., :start], precision)
-                factored, kept = _panel_cholesky_qr_(panel, precision)
+                factored, inverse = _panel_cholesky_qr_(panel, precision)
                 ok &= factored
+                kept = _smallest_singular_value_bound(inverse)
                 continue
             index = (*where.T, slice(None), slice(None, stop))
             matrices = q[index]  # the matrices that lost orthogonality, up to this panel
             redo = matrices[..., start:]
             _project_out_(redo, matrices[..., :start], precision)
-            factored, kept_redone = _panel_cholesky_qr_(redo, precision)
+            factored, inverse = _panel_cholesky_qr_(redo, precision)
             ok[index[:-2]] &= factored
             kept = torch.ones_like(kept)
-            kept[index[:-2]] = kept_redone
+            kept[index[:-2]] = _smallest_singular_value_bound(inverse)
             q[index] = matrices
     return q, ok & _orthogonal(q, precision)
 
