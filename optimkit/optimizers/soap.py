@@ -38,6 +38,7 @@ from optimkit.linalg import (
     eigenbasis_eigh,
     eigenbasis_power_qr,
     matmul,
+    matmul_accumulate_,
 )
 from optimkit.optimizers._refresh import RefreshCounts
 from optimkit.optimizers.adam import adam_moments_
@@ -152,6 +153,40 @@ class _Bucket:
 
     def exp_avg_sq(self) -> Tensor:
         return self.stacks["exp_avg_sq"].view(len(self.params), *self.shape)
+
+    def update_in_last_product(self, dtype: torch.dtype) -> bool:
+        """Whether :meth:`project_back_into_params` applies: a preconditioned first or last
+        axis is the last to rotate back, and the members are contiguous and of ``dtype``
+        (the state's; bf16/fp16 weights take :func:`_apply`)."""
+        return (
+            bool(self.axes)
+            and self.axes[-1] in (0, len(self.shape) - 1)
+            and all(p.dtype == dtype and p.is_contiguous() for p in self.params)
+        )
+
+    def project_back_into_params(
+        self, direction: Tensor, precision: str, step_size: float, decay: float
+    ) -> None:
+        r"""The update :math:`N` of :meth:`project` (back) applied to the members as
+        :func:`_apply` does, :math:`W \leftarrow (1-\eta\lambda)(W - sN)`, with the last
+        rotation's product writing into each member's weights: :math:`W \leftarrow \beta W +
+        \alpha X Q^\top` (or :math:`\alpha Q X`) with :math:`\beta = 1-\eta\lambda`,
+        :math:`\alpha = -s\beta` (:func:`~optimkit.linalg.matmul_accumulate_`: on CUDA the
+        GEMM's epilogue reads and writes :math:`W`, so :math:`N` is never stored and the
+        weights take one pass instead of three; the same values up to rounding). One product
+        per member (the weights are separate tensors)."""
+        last = self.axes[-1]
+        x = direction
+        for k in self.axes[:-1]:
+            x = mode_product(x, self.stacks[f"Q{k}"].mT, k, precision)
+        basis = self.stacks[f"Q{last}"]
+        beta, size = 1.0 - decay, self.shape[last]
+        for p, member, q in zip(self.params, x.unbind(0), basis.unbind(0)):
+            if last == len(self.shape) - 1:  # X Q^T on the (rest, size) unfolding
+                target, a, b = p.view(-1, size), member.reshape(-1, size), q.mT
+            else:  # Q X on the (size, rest) unfolding
+                target, a, b = p.view(size, -1), q, member.reshape(size, -1)
+            matmul_accumulate_(target, a, b, beta, -step_size * beta, precision)
 
     def project(self, x: Tensor, back: bool, precision: str) -> Tensor:
         """Each member's slice of ``x`` ``(members, *shape)`` into its eigenbasis
@@ -488,11 +523,15 @@ class SOAP(RefreshCounts, Optimizer):
         step_size = hp["lr"]
         if hp["correct_bias"]:
             step_size = step_size * (1 - beta2**s) ** 0.5 / (1 - beta1**s)
-        norm_grad = bucket.project(direction, True, precision)
-        if hp["normalize_grads"]:
-            rms = norm_grad.square().reshape(len(norm_grad), -1).mean(1).sqrt()
-            norm_grad = norm_grad / (1e-30 + rms).reshape(-1, *[1] * len(bucket.shape))
-        _apply(bucket.params, norm_grad, step_size, hp["lr"] * hp["weight_decay"])
+        decay = hp["lr"] * hp["weight_decay"]
+        if not hp["normalize_grads"] and bucket.update_in_last_product(direction.dtype):
+            bucket.project_back_into_params(direction, precision, step_size, decay)
+        else:
+            norm_grad = bucket.project(direction, True, precision)
+            if hp["normalize_grads"]:
+                rms = norm_grad.square().reshape(len(norm_grad), -1).mean(1).sqrt()
+                norm_grad = norm_grad / (1e-30 + rms).reshape(-1, *[1] * len(bucket.shape))
+            _apply(bucket.params, norm_grad, step_size, decay)
         # update_preconditioner: statistics, then (every f steps) a new basis
         for k in bucket.axes:
             accumulate_gram_(

@@ -422,6 +422,53 @@ def test_buckets_match_one_parameter_at_a_time(monkeypatch):
             assert (a - b).norm() <= tol * b.norm(), (precision, tuple(a.shape))
 
 
+@pytest.mark.parametrize("hp", [{}, {"max_precond_dim": 5, "precondition_1d": True}])
+def test_update_in_the_last_product_is_the_separate_update(monkeypatch, hp):
+    """The weights updated inside the last back-rotation (W <- (1-lr wd) W - s (1-lr wd) X Q^T
+    or Q X) follow the separate update (N stored, then _apply) to fp32 rounding. It is taken
+    where the last preconditioned axis is the first or the last one: with max_precond_dim 5,
+    (6, 3) by X Q^T, (3, 7) by Q X, (4,) as (1, 4); not (4, 3, 7) (its middle axis) nor a
+    parameter with no preconditioned axis."""
+    import optimkit.optimizers.soap as soap
+
+    taken = []
+    fused = soap._Bucket.project_back_into_params
+
+    def spy(bucket, *args):
+        taken.append(bucket.shape)
+        return fused(bucket, *args)
+
+    shapes = [*BUCKETED, (6, 3), (3, 7), (4, 3, 7), (4,)]
+    hp = {"precondition_frequency": 4, "weight_decay": 0.1, **hp}
+    monkeypatch.setattr(soap._Bucket, "project_back_into_params", spy)
+    _, inside, _ = run(torch.float32, steps=12, hp=hp, shapes=shapes)
+    monkeypatch.setattr(soap._Bucket, "update_in_last_product", lambda bucket, dtype: False)
+    _, separate, _ = run(torch.float32, steps=12, hp=hp, shapes=shapes)
+    expected = {(5, 5), (3, 4, 4), (6, 3), (3, 7), (4, 3, 7)}
+    if "max_precond_dim" in hp:
+        expected = {(5, 5), (3, 4, 4), (6, 3), (3, 7), (4,)}
+    assert set(taken) == expected
+    for a, b in zip(inside, separate):
+        assert (a - b).norm() <= 1e-6 * b.norm(), tuple(a.shape)
+    assert not all(map(torch.equal, inside, separate))  # a different rounding: the path ran
+
+
+def test_a_strided_parameter_takes_the_separate_update():
+    """A non-contiguous parameter (here a transposed leaf) cannot be written by the last
+    product's epilogue as a view: it takes _apply, and follows its contiguous copy."""
+    gen = torch.Generator().manual_seed(5)
+    strided = torch.randn(6, 5, generator=gen).t().detach().requires_grad_()
+    dense = strided.detach().contiguous().requires_grad_()
+    assert not strided.is_contiguous()
+    opts = [SOAP([strided], precondition_frequency=2), SOAP([dense], precondition_frequency=2)]
+    for t in range(1, 7):
+        g = grads_for(t, [(5, 6)], torch.float32)[0]
+        for p, opt in zip((strided, dense), opts):
+            p.grad = g.clone()
+            opt.step()
+    torch.testing.assert_close(strided, dense, rtol=1e-6, atol=1e-7)
+
+
 def test_bucket_size_is_bounded(monkeypatch):
     import optimkit.optimizers.soap as soap
 
