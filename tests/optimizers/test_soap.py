@@ -479,6 +479,19 @@ def test_bucket_size_is_bounded(monkeypatch):
     assert not _shared(opt, params[1], params[2]) and not _shared(opt, params[3], params[4])
 
 
+def test_buckets_are_balanced(monkeypatch):
+    """The fewest buckets under the bound, of balanced sizes: 36 parameters at most 5 a
+    bucket make four of 5 and four of 4 (not a lone one); 5 at most 2 make 2, 2, 1."""
+    import optimkit.optimizers.soap as soap
+
+    monkeypatch.setattr(soap, "BUCKET_NUMEL", 5 * 25)
+    sizes = [len(chunk) for chunk in soap._chunks(list(range(36)), 25)]
+    assert sizes == [5, 5, 5, 5, 4, 4, 4, 4] and sum(sizes) == 36
+    assert [len(c) for c in soap._chunks(list(range(5)), 50)] == [2, 2, 1]
+    assert [len(c) for c in soap._chunks(list(range(3)), 10**9)] == [1, 1, 1]  # each too big
+    assert soap._chunks([], 25) == []
+
+
 def test_a_missing_gradient_splits_the_bucket_without_stale_stacks():
     """A parameter without a gradient for a step falls one step behind the others; from then
     on it is stepped apart, owns its state (no view keeps the old stack alive) and every
@@ -666,12 +679,12 @@ def test_statistics_by_block_rows_keep_the_trajectory(monkeypatch):
         monkeypatch.setattr(optimkit.linalg, "GRAM_SYMMETRIC_MIN", symmetric_min)
         monkeypatch.setattr(optimkit.linalg, "GRAM_ROW_BLOCK", 4)
         gen = torch.Generator().manual_seed(2)
-        p = torch.randn(6, 40, generator=gen, dtype=torch.float64).requires_grad_()
+        p = torch.randn(24, 24, generator=gen, dtype=torch.float64).requires_grad_()
         opt = SOAP([p], precondition_frequency=3)
         for _ in range(12):
-            p.grad = torch.randn(6, 40, generator=gen, dtype=torch.float64)
+            p.grad = torch.randn(24, 24, generator=gen, dtype=torch.float64)
             opt.step()
-        runs.append((p.detach(), opt.state[p]["GG0"]))
+        runs.append((p.detach(), opt.state[p]["GG1"]))
     (p_full, s_full), (p_blocks, s_blocks) = runs
     assert torch.equal(s_blocks, s_blocks.mT)
     torch.testing.assert_close(s_blocks, s_full, rtol=1e-12, atol=1e-14)
