@@ -475,3 +475,64 @@ def test_distance_to_identity_is_the_max_entry_of_m_minus_i():
     assert torch.equal(distance[:3], expected[:3]) and torch.isnan(distance[3])
     assert torch.equal(torch.nan_to_num(stack), torch.nan_to_num(original))
     assert distance[1] == 0.5 and distance[2] == 0.25
+
+
+def test_block_gram_schmidt_qr_with_fp16_projections(monkeypatch):
+    """The fp16 projections (CUDA's TF32 path; emulated here: fp16 inputs multiplied in fp32)
+    give what the TF32 projections give, to TF32 rounding: an orthogonal Q that is
+    Householder's up to signs on a well-conditioned stack, and on stale-basis products of
+    condition ~2e6 (with extra passes) an orthogonal Q that diagonalises A as well as fp32
+    Householder's. The path is taken (fp16 bases reach the projection)."""
+    seen = []
+    project = linalg._project_out_
+
+    def spy(panel, basis, precision):
+        seen.append(basis.dtype)
+        return project(panel, basis, precision)
+
+    monkeypatch.setattr(linalg, "_project_out_", spy)
+    monkeypatch.setattr(linalg, "_half_projections", lambda q, precision: precision == "tf32")
+    gen = torch.Generator().manual_seed(3)
+    stack = torch.randn(3, 40, 40, generator=gen, dtype=torch.float64)
+    q, ok = linalg.block_gram_schmidt_qr(stack.float(), "tf32", block=8)
+    assert ok.all() and set(seen) == {torch.float16}
+    assert _same_up_to_column_signs(q.double(), torch.linalg.qr(stack)[0]) < 5e-2
+    assert (q.mT.double() @ q.double() - torch.eye(40, dtype=torch.float64)).abs().amax() < 2e-2
+
+    a, product = _stale_basis_products(96, 8.0, 1e-3)
+    reference = torch.linalg.qr(product.float())[0].double()
+    q, ok = linalg.block_gram_schmidt_qr(product.float(), "tf32", block=16)
+    assert ok.all()
+    assert (q.mT.double() @ q.double() - torch.eye(96, dtype=torch.float64)).abs().amax() < 3e-3
+
+    def off_diagonal(basis):
+        x = basis.mT @ a @ basis
+        off = (x - torch.diag_embed(torch.diagonal(x, dim1=-2, dim2=-1))).norm(dim=(-2, -1))
+        return off / a.norm(dim=(-2, -1))
+
+    assert (off_diagonal(q.double()) < off_diagonal(reference) + 5e-3).all()
+    seen.clear()
+    linalg.block_gram_schmidt_qr(product.float(), "fp32", block=16)
+    assert set(seen) == {torch.float32}  # fp32 precision keeps fp32 projections
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_fp16_projections_on_cuda_match_the_tf32_ones(monkeypatch):
+    """On the GPU the fp16 projections (torch.bmm with out_dtype=float32) give the TF32
+    projections' Q to TF32 rounding, orthogonal, on stale-basis products; they are taken at
+    TF32 from GRAM_SCHMIDT_WIDE columns on (here lowered to 256), not below, not in fp32."""
+    _, product = _stale_basis_products(256, 6.0, 1e-5, count=3)
+    product = product.float().cuda()
+    assert not linalg._half_projections(product, "tf32")  # 256 < GRAM_SCHMIDT_WIDE
+    monkeypatch.setattr(linalg, "GRAM_SCHMIDT_WIDE", 256)
+    assert linalg._half_projections(product, "tf32")
+    assert not linalg._half_projections(product, "fp32")
+    assert not linalg._half_projections(product.cpu(), "tf32")
+    q_half, ok_half = linalg.block_gram_schmidt_qr(product, "tf32", block=64)
+    monkeypatch.setattr(linalg, "HALF_PROJECTIONS", False)
+    assert not linalg._half_projections(product, "tf32")
+    q_tf32, ok_tf32 = linalg.block_gram_schmidt_qr(product, "tf32", block=64)
+    assert ok_half.all() and ok_tf32.all()
+    eye = torch.eye(256, device="cuda")
+    assert (q_half.mT @ q_half - eye).abs().amax() < 3e-3
+    assert 0 < _same_up_to_column_signs(q_half, q_tf32) < 5e-2
