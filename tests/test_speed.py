@@ -248,3 +248,33 @@ def test_speed_matrix_decaying_spectrum(tmp_path, capsys):
     assert payload["results"][0]["ms_per_step"] > 0
     with pytest.raises(SystemExit):
         speed_matrix.main([*argv, "--spectrum", "flat"])
+
+
+def test_soap_fp16_flops_are_the_wide_sides_qr():
+    """The part of SOAP's floor at the fp16 rate: the QR's Q (2 k^3 a refresh) of the sides
+    from linalg.GRAM_SCHMIDT_WIDE columns on, whose Gram-Schmidt projections run as fp16
+    products at TF32 on CUDA; none on the CPU, at fp32, by another QR, or switched off."""
+    from optimkit import linalg
+    from optimkit.lab import speed_matrix
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    hp = {
+        "matmul_precision": "tf32",
+        "qr_method": "gram_schmidt",
+        "max_precond_dim": 10000,
+        "precondition_frequency": 10,
+    }
+    shapes = [(5504, 2048), (2048, 2048), (4096, 10)]
+    assert speed_matrix.soap_fp16_flops(shapes, hp, cuda) == 2 * (5504**3 + 4096**3) / 10
+    assert speed_matrix.soap_fp16_flops(shapes, {**hp, "max_precond_dim": 5000}, cuda) == (
+        2 * 4096**3 / 10
+    )
+    assert speed_matrix.soap_fp16_flops(shapes, hp, cpu) == 0.0
+    assert speed_matrix.soap_fp16_flops(shapes, {**hp, "matmul_precision": "fp32"}, cuda) == 0
+    assert speed_matrix.soap_fp16_flops(shapes, {**hp, "qr_method": "cholesky"}, cuda) == 0
+    original = linalg.HALF_PROJECTIONS
+    try:
+        linalg.HALF_PROJECTIONS = False
+        assert speed_matrix.soap_fp16_flops(shapes, hp, cuda) == 0.0
+    finally:
+        linalg.HALF_PROJECTIONS = original

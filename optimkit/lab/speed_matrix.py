@@ -32,13 +32,14 @@ from typing import Any
 import torch
 
 import optimkit
+from optimkit import linalg
 from optimkit.lab.speed import _make_params, _sync, llama_shapes, shapes_for
 
 
 def matmul_rate(device: torch.device, precision: str, size: int = 4096) -> float:
     """Measured FLOP/s of a square matmul at ``precision``: ``"fp32"`` (TF32 off), ``"tf32"``
-    (fp32 tensors, TF32 allowed) or ``"bf16"``."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    (fp32 tensors, TF32 allowed), ``"bf16"`` or ``"fp16"``."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     saved = torch.backends.cuda.matmul.allow_tf32
@@ -81,6 +82,26 @@ def soap_flops(shapes, frequency: int, max_dim: int = 10000) -> float:
             refresh += (2 + 2) * k**3 + one_side + min(one_side, 2 * k**3)
         total += refresh / frequency
     return total
+
+
+def soap_fp16_flops(shapes, hp: dict[str, Any], device: torch.device) -> float:
+    """The part of :func:`soap_flops` that optimkit's SOAP runs as fp16 products (floored at
+    the fp16 rate): the QR's Q (2 k^3 a refresh) of each side of at least
+    ``linalg.GRAM_SCHMIDT_WIDE`` columns, whose block Gram-Schmidt projections are fp16 at
+    TF32 on CUDA (:func:`optimkit.linalg._half_projections`); 0 elsewhere."""
+    if not (
+        device.type == "cuda"
+        and hp.get("matmul_precision") == "tf32"
+        and hp.get("qr_method") == "gram_schmidt"
+        and linalg.HALF_PROJECTIONS
+    ):
+        return 0.0
+    total = 0.0
+    for m, n in _matrices(shapes):
+        for k in (m, n):
+            if linalg.GRAM_SCHMIDT_WIDE <= k <= hp["max_precond_dim"]:
+                total += 2 * k**3
+    return total / hp["precondition_frequency"]
 
 
 def shampoo_flops(shapes, block: int, frequency: int) -> float:
@@ -322,9 +343,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [s.name for s in specs if s.name not in CANDIDATES]
     if unknown:
         parser.error(f"unknown optimizer(s) {unknown}; choose from {', '.join(CANDIDATES)}")
-    precisions = ("fp32", "tf32", "bf16") if device.type == "cuda" else ("fp32", "bf16")
+    precisions = ("fp32", "tf32", "bf16", "fp16") if device.type == "cuda" else ("fp32", "bf16")
     rates = {p: matmul_rate(device, p) for p in precisions}
     rates.setdefault("tf32", rates["fp32"])
+    rates.setdefault("fp16", rates["bf16"])
     training_ms = 1e3 * 6 * numel * TRAINING_TOKENS / rates["bf16"]
     print(
         f"device {device}, {len(shapes)} tensors, {numel / 1e6:.1f} M parameters; matmul rate "
@@ -372,7 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         flops = CANDIDATES[algorithm][1](shapes, full)
         counts = dict(getattr(opt, "refresh_counts", {}))
         flops += counts.get("root_matmul_flops", 0.0) / len(times)  # measured, amortised
-        floor_ms = 1e3 * flops / rates[precision]
+        fp16 = soap_fp16_flops(shapes, full, device) if algorithm == "SOAP" else 0.0
+        floor_ms = 1e3 * ((flops - fp16) / rates[precision] + fp16 / rates["fp16"])
         rows.append(
             {
                 "optimizer": label,
@@ -383,6 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "slowest_ms": 1e3 * max(times),
                 "first_step_s": first,
                 "flops_per_step": flops,
+                "fp16_flops_per_step": fp16,
                 "floor_ms": floor_ms,
                 "vs_floor": ms / floor_ms if floor_ms else None,
                 "vs_torch_fused_adamw": ms / adamw_ms,
@@ -390,12 +414,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "refresh_counts": counts,
             }
         )
+        at_fp16 = f" ({fp16 / 1e12:.2f} at fp16)" if fp16 else ""
         print(
             f"{label:<34} {ms:9.1f} ms/step (median {rows[-1]['median_ms']:.1f}, slowest "
             f"{rows[-1]['slowest_ms']:.1f}, first step "
             f"{first:.1f} s)  {flops / 1e12:7.2f} TFLOP/step  floor {floor_ms:8.1f} ms at "
-            f"{precision}  {_ratio(rows[-1]['vs_floor'])} floor  {ms / adamw_ms:.1f}x torch "
-            f"AdamW  {100 * ms / training_ms:.1f}% of a training step"
+            f"{precision}{at_fp16}  {_ratio(rows[-1]['vs_floor'])} floor  "
+            f"{ms / adamw_ms:.1f}x torch AdamW  {100 * ms / training_ms:.1f}% of a training step"
             + "".join(
                 f"  {counts[key]} {name} fallbacks"
                 for key, name in _FALLBACKS.items()
