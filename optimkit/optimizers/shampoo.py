@@ -215,7 +215,7 @@ class Shampoo(RefreshCounts, Optimizer):
     The elementwise rest of the step (grafting, weight decay, momentum, the update) runs as
     multi-tensor ops over the group. One NVIDIA H100, ``optimkit bench speed-matrix
     --spectrum decaying`` on a 0.6 B transformer-shaped list with ``root_method="newton"``,
-    roots every 10 steps: 82-95 ms/step across three machines (median 43-47 ms, the refresh
+    roots every 10 steps: 82-96 ms/step across four machines (median 43-56 ms, the refresh
     step 0.43-0.48 s), 2.6-3.0x the fp32 matmul work it runs (statistics, preconditioning and
     the roots' products, counted in ``opt.refresh_counts["root_matmul_flops"]``); the regular
     step is bound by the host's kernel launches, so it varies with the machine's CPU.

@@ -330,6 +330,11 @@ class SOAP(RefreshCounts, Optimizer):
     ill-conditioned products.
     ``qr_method="householder"`` is the authors' QR. The product :math:`LQ` is computed once
     for both the eigenvalue estimates and the power step (the authors multiply twice).
+    (8) Where ``normalize_grads`` is off and the last preconditioned axis is the first or the
+    last one, the weights (contiguous, of the state's dtype) are updated inside the last
+    back-rotation's product, :math:`W \leftarrow (1 - \eta\lambda) W - s(1 - \eta\lambda)
+    X Q^\top` (or :math:`Q X`): the authors' decoupled decay and step in one product with
+    the same rounding as a matrix product's, and :math:`N` is never stored.
 
     State per parameter: ``exp_avg`` and ``exp_avg_sq`` (parameter-shaped), ``GG{k}`` and
     ``Q{k}`` (:math:`n_k \times n_k`) per preconditioned axis :math:`k`. Bytes per element:
@@ -343,15 +348,19 @@ class SOAP(RefreshCounts, Optimizer):
     there); eigh, and Householder's QR where it is used, stay fp32; CholeskyQR2 runs its
     products at TF32 too (orthogonality of the new basis about 1e-3). Against the fp64
     reference of the authors' algorithm the parameters then stay within 1e-2 relative over 55
-    steps (4e-3 observed; fp32: 1e-7), the tolerance the tests pin. On the GPU, Householder's
-    QR factorisations run over a few CUDA streams (:func:`optimkit.linalg.batched_qr`).
+    steps (4e-3 observed; fp32: 1e-7), the tolerance the tests pin. At TF32 on CUDA the
+    Gram-Schmidt projections of bases of at least 4,096 columns run as fp16 products with
+    fp32 accumulation (their operands lie in [-1, 1], where fp16 keeps TF32's 10-bit
+    mantissa; :data:`optimkit.linalg.HALF_PROJECTIONS`). On the GPU, Householder's QR
+    factorisations run over a few CUDA streams (:func:`optimkit.linalg.batched_qr`).
 
     Speed (one NVIDIA H100, ``optimkit bench speed-matrix --spectrum decaying --peers``, a
     0.6 B transformer-shaped list, frequency 10, fresh gradients every step, a warm refresh
-    timed): TF32 with the default Gram-Schmidt refresh 136-137 ms/step (median 90 ms, the
-    refresh step 0.55-0.56 s, at most 1 of 168 factorisations falling back to CholeskyQR2;
-    2.2x its TF32 matmul floor of 63 ms), pytorch_optimizer 4.1.0's SOAP 1,001-1,018 ms/step
-    in the same runs (7.3-7.4x slower). fp32 (at an earlier commit): 634 ms/step.
+    timed; one run of the committed code, 2026-12-07): TF32 with the default Gram-Schmidt
+    refresh 126.5 ms/step (median 86.3 ms, the refresh step 0.49 s, 1 of 168 factorisations
+    falling back to CholeskyQR2; 2.06x its matmul floor of 61.3 ms, 5.0% of a 0.5 M-token
+    training step), pytorch_optimizer 4.1.0's SOAP 999.5 ms/step in the same run (7.9x
+    slower). fp32 (at an earlier commit): 634 ms/step.
     """
 
     hyperparams = {
