@@ -278,3 +278,17 @@ def test_soap_fp16_flops_are_the_wide_sides_qr():
         assert speed_matrix.soap_fp16_flops(shapes, hp, cuda) == 0.0
     finally:
         linalg.HALF_PROJECTIONS = original
+
+
+def test_matmul_rate_is_a_positive_rate_and_restores_the_tf32_switch():
+    """``matmul_rate`` returns a finite positive FLOP/s at each precision and leaves torch's
+    global TF32 switch as it found it (it flips it for the ``"tf32"`` measurement)."""
+    import math
+
+    from optimkit.lab.speed_matrix import matmul_rate
+
+    saved = torch.backends.cuda.matmul.allow_tf32
+    for precision in ("fp32", "tf32", "bf16"):
+        rate = matmul_rate(torch.device("cpu"), precision, size=64)
+        assert math.isfinite(rate) and rate > 0
+        assert torch.backends.cuda.matmul.allow_tf32 == saved

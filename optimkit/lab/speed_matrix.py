@@ -21,6 +21,7 @@ Gram-Schmidt QR to CholeskyQR2 (``cholesky_fallbacks``) and to Householder's
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import statistics
@@ -38,21 +39,28 @@ from optimkit.lab.speed import _make_params, _sync, llama_shapes, shapes_for
 
 def matmul_rate(device: torch.device, precision: str, size: int = 4096) -> float:
     """Measured FLOP/s of a square matmul at ``precision``: ``"fp32"`` (TF32 off), ``"tf32"``
-    (fp32 tensors, TF32 allowed), ``"bf16"`` or ``"fp16"``."""
+    (fp32 tensors, TF32 allowed), ``"bf16"`` or ``"fp16"``. On CUDA: the best of 5 timings of
+    10 back-to-back products each, after 5 untimed ones (one timed product of a few hundred
+    microseconds, with its launch and a cold clock, read a bf16 rate 16% below a second
+    measurement's on the same H100, which made the floors and the training step it scales
+    look slower than they are); elsewhere the best of 5 single products."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
+    products = 10 if device.type == "cuda" else 1
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     try:
-        a @ b
+        for _ in range(5 if device.type == "cuda" else 1):
+            a @ b
         best = math.inf
         for _ in range(5):
             _sync(device)
             start = time.perf_counter()
-            a @ b
+            for _ in range(products):
+                a @ b
             _sync(device)
-            best = min(best, time.perf_counter() - start)
+            best = min(best, (time.perf_counter() - start) / products)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
     return 2 * size**3 / best
@@ -288,6 +296,15 @@ def _peers(device: torch.device) -> dict[str, Any]:
 _FALLBACKS = {"cholesky_fallbacks": "CholeskyQR2", "householder_fallbacks": "Householder"}
 
 
+def _release(device: torch.device) -> None:
+    """Free what the previous candidate left (its cyclic garbage and the CUDA allocator's
+    cached blocks), so each one starts from the same allocator state and a garbage
+    collection of another's objects does not land in its timed steps."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
@@ -360,6 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _, times = _time(baseline, device, args.steps, params, warmup, args.spectrum)
     adamw_ms = 1e3 * sum(times) / len(times)
     del baseline, params
+    _release(device)
 
     runs: list[tuple[str, str, Any, dict[str, Any]]] = []
     for spec in specs:
@@ -387,6 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as error:  # a peer may fail on this list: report it, go on
             rows.append({"optimizer": label, "error": f"{type(error).__name__}: {error}"})
             print(f"{label}: {rows[-1]['error']}")
+            del params
+            _release(device)
             continue
         ms = 1e3 * sum(times) / len(times)  # the mean covers one refresh period
         full = {**optimkit.info(algorithm).defaults, **hp}
@@ -428,6 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
         del opt, params
+        _release(device)
     print(f"torch AdamW ({'fused' if device.type == 'cuda' else 'foreach'}): {adamw_ms:.2f} ms")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
