@@ -85,6 +85,10 @@ GRAM_SCHMIDT_EXTRA_PASSES = 2
 #: at least :data:`GRAM_SCHMIDT_WIDE` columns as fp16 products with fp32 accumulation
 #: (:func:`_half_projections`; tests switch it off).
 HALF_PROJECTIONS = True
+#: whether :func:`_max_eigenvalue_power_iteration` runs on CUDA as the Triton kernel
+#: :func:`optimkit.kernels.power_iteration.max_eigenvalue_power_iteration` (one program per
+#: matrix, the matrix read once) where it takes the stack (tests switch it off to compare).
+FUSED_POWER_ITERATION = True
 _QR_STREAMS = 4
 
 #: quintic Newton-Schulz coefficients (a, b, c) of Muon (K. Jordan's reference ``muon.py``).
@@ -625,10 +629,17 @@ def _max_eigenvalue_power_iteration(
     :math:`|s_k - s_{k-1}| \le` ``tolerance`` (:math:`s_0 = 0`) or after ``iterations`` rounds,
     and returning that :math:`s_k` (deviation: a deterministic start vector instead of their
     random one). Each matrix stops on its own; the host looks every ``check_every`` rounds (one
-    sync per look, not per round) and, once at most half still run, iterates on those alone."""
+    sync per look, not per round) and, once at most half still run, iterates on those alone.
+    On CUDA, fp32 matrices of at most 128 rows take the Triton kernel
+    :func:`optimkit.kernels.power_iteration.max_eigenvalue_power_iteration` (the same rounds
+    per matrix, each matrix read once instead of once a round; no host looks)."""
     batch_shape, n = stack.shape[:-2], stack.size(-1)
-    flat = stack.reshape(-1, n, n)
     start = torch.linspace(1.0, 2.0, n, dtype=stack.dtype, device=stack.device)
+    if _power_iteration_kernel_takes(stack):
+        from optimkit.kernels.power_iteration import max_eigenvalue_power_iteration
+
+        return max_eigenvalue_power_iteration(stack, start, iterations, tolerance)
+    flat = stack.reshape(-1, n, n)
     v = start.expand(flat.size(0), n).unsqueeze(-1)
     estimate = torch.zeros(flat.size(0), dtype=stack.dtype, device=stack.device)
     result = estimate.clone()
@@ -657,6 +668,20 @@ def _max_eigenvalue_power_iteration(
             matrices, v, estimate = flat[running], v[still], estimate[still]
             finished = finished[still]
     return result.reshape(batch_shape)
+
+
+def _power_iteration_kernel_takes(stack: Tensor) -> bool:
+    """Whether :func:`_max_eigenvalue_power_iteration` runs as the Triton kernel (CUDA,
+    :data:`FUSED_POWER_ITERATION`, Triton importable, fp32 matrices of at most 128 rows)."""
+    if not (FUSED_POWER_ITERATION and stack.is_cuda):
+        return False
+    from optimkit.kernels import triton_available
+
+    if not triton_available():
+        return False
+    from optimkit.kernels.power_iteration import takes
+
+    return takes(stack)
 
 
 def inverse_root_coupled_newton(
