@@ -356,11 +356,11 @@ class SOAP(RefreshCounts, Optimizer):
 
     Speed (one NVIDIA H100, ``optimkit bench speed-matrix --spectrum decaying --peers``, a
     0.6 B transformer-shaped list, frequency 10, fresh gradients every step, a warm refresh
-    timed; the committed code, 2026-12-07): TF32 with the default Gram-Schmidt refresh 124.4
-    ms/step (median 87.2 ms, the refresh step 0.46 s, 1 of 168 factorisations falling back
-    to CholeskyQR2; 2.12x its matmul floor of 58.8 ms, 5.3% of a 0.5 M-token training step;
-    124.4-131.4 ms/step over three runs), pytorch_optimizer 4.1.0's SOAP 1,001 ms/step in the
-    same run (8.0x slower). fp32 (at an earlier commit): 634 ms/step.
+    timed; the committed code, 2026-12-07): TF32 with the default Gram-Schmidt refresh 124.0
+    ms/step (median 86.7 ms, the refresh step 0.46 s, 1 of 168 factorisations falling back
+    to CholeskyQR2; 2.11x its matmul floor of 58.6 ms, 5.3% of a 0.5 M-token training step;
+    124.0-131.4 ms/step over four runs), pytorch_optimizer 4.1.0's SOAP 1,003 ms/step in the
+    same run (8.1x slower). fp32 (at an earlier commit): 634 ms/step.
     """
 
     hyperparams = {
