@@ -174,14 +174,20 @@ def accumulate_gram_(
     return statistic
 
 
-def _mirror_kernel_takes(statistic: Tensor) -> bool:
-    """Whether :func:`accumulate_gram_` mirrors ``statistic`` by the Triton kernel (CUDA, a
-    contiguous stack, Triton importable)."""
-    if not (FUSED_MIRROR and statistic.is_cuda and statistic.is_contiguous()):
+def _triton_on(enabled: bool, tensor: Tensor) -> bool:
+    """Whether a Triton kernel switched on by ``enabled`` may run on ``tensor``: a CUDA
+    tensor, Triton importable (imported only then)."""
+    if not (enabled and tensor.is_cuda):
         return False
     from optimkit.kernels import triton_available
 
     return triton_available()
+
+
+def _mirror_kernel_takes(statistic: Tensor) -> bool:
+    """Whether :func:`accumulate_gram_` mirrors ``statistic`` by the Triton kernel (CUDA, a
+    contiguous stack, Triton importable)."""
+    return statistic.is_contiguous() and _triton_on(FUSED_MIRROR, statistic)
 
 
 class _tf32:
@@ -673,11 +679,7 @@ def _max_eigenvalue_power_iteration(
 def _power_iteration_kernel_takes(stack: Tensor) -> bool:
     """Whether :func:`_max_eigenvalue_power_iteration` runs as the Triton kernel (CUDA,
     :data:`FUSED_POWER_ITERATION`, Triton importable, fp32 matrices of at most 128 rows)."""
-    if not (FUSED_POWER_ITERATION and stack.is_cuda):
-        return False
-    from optimkit.kernels import triton_available
-
-    if not triton_available():
+    if not _triton_on(FUSED_POWER_ITERATION, stack):
         return False
     from optimkit.kernels.power_iteration import takes
 
