@@ -497,8 +497,17 @@ def _project_out_(panel: Tensor, basis: Tensor, precision: str) -> Tensor:
 
 
 def _half_projections(q: Tensor, precision: str) -> bool:
-    r"""Whether :func:`block_gram_schmidt_qr` runs its projections as fp16 products: TF32 on
-    CUDA, fp32 columns, at least :data:`GRAM_SCHMIDT_WIDE` of them (H100, the statistics of
+    """Whether :func:`block_gram_schmidt_qr` runs the projections of ``q`` as fp16 products
+    (:func:`half_projections_at` for its columns, device and dtype)."""
+    return half_projections_at(q.size(-1), q.device, precision, q.dtype)
+
+
+def half_projections_at(
+    columns: int, device: torch.device, precision: str, dtype: torch.dtype = torch.float32
+) -> bool:
+    r"""Whether :func:`block_gram_schmidt_qr` runs the projections of a matrix of ``columns``
+    columns as fp16 products: TF32 on CUDA, fp32 columns, at least
+    :data:`GRAM_SCHMIDT_WIDE` of them (H100, the statistics of
     a training-like run: 5504 columns 192 -> 145 ms; 2048 columns 72 -> 67-70 ms but 2 of 132
     matrices then failed and fell back), and :data:`HALF_PROJECTIONS`. An fp16 operand keeps
     TF32's 10-bit mantissa; the operands here (orthonormal columns, unit-norm columns and their
@@ -510,9 +519,9 @@ def _half_projections(q: Tensor, precision: str) -> bool:
     return (
         HALF_PROJECTIONS
         and precision == "tf32"
-        and q.is_cuda
-        and q.dtype == torch.float32
-        and q.size(-1) >= GRAM_SCHMIDT_WIDE
+        and torch.device(device).type == "cuda"
+        and dtype == torch.float32
+        and columns >= GRAM_SCHMIDT_WIDE
     )
 
 

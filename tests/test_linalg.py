@@ -536,3 +536,16 @@ def test_fp16_projections_on_cuda_match_the_tf32_ones(monkeypatch):
     eye = torch.eye(256, device="cuda")
     assert (q_half.mT @ q_half - eye).abs().amax() < 3e-3
     assert 0 < _same_up_to_column_signs(q_half, q_tf32) < 5e-2
+
+
+def test_half_projections_at_is_the_rule_for_a_side(monkeypatch):
+    """fp16 projections exactly at TF32, on CUDA, for fp32 matrices of at least
+    GRAM_SCHMIDT_WIDE columns, while HALF_PROJECTIONS is on (no GPU needed to ask)."""
+    cuda, wide = torch.device("cuda"), linalg.GRAM_SCHMIDT_WIDE
+    assert linalg.half_projections_at(wide, cuda, "tf32")
+    assert not linalg.half_projections_at(wide - 1, cuda, "tf32")
+    assert not linalg.half_projections_at(wide, cuda, "fp32")
+    assert not linalg.half_projections_at(wide, torch.device("cpu"), "tf32")
+    assert not linalg.half_projections_at(wide, cuda, "tf32", torch.float64)
+    monkeypatch.setattr(linalg, "HALF_PROJECTIONS", False)
+    assert not linalg.half_projections_at(wide, cuda, "tf32")

@@ -250,7 +250,7 @@ def test_speed_matrix_decaying_spectrum(tmp_path, capsys):
         speed_matrix.main([*argv, "--spectrum", "flat"])
 
 
-def test_soap_fp16_flops_are_the_wide_sides_qr():
+def test_soap_fp16_flops_are_the_wide_sides_qr(monkeypatch):
     """The part of SOAP's floor at the fp16 rate: the QR's Q (2 k^3 a refresh) of the sides
     from linalg.GRAM_SCHMIDT_WIDE columns on, whose Gram-Schmidt projections run as fp16
     products at TF32 on CUDA; none on the CPU, at fp32, by another QR, or switched off."""
@@ -272,12 +272,8 @@ def test_soap_fp16_flops_are_the_wide_sides_qr():
     assert speed_matrix.soap_fp16_flops(shapes, hp, cpu) == 0.0
     assert speed_matrix.soap_fp16_flops(shapes, {**hp, "matmul_precision": "fp32"}, cuda) == 0
     assert speed_matrix.soap_fp16_flops(shapes, {**hp, "qr_method": "cholesky"}, cuda) == 0
-    original = linalg.HALF_PROJECTIONS
-    try:
-        linalg.HALF_PROJECTIONS = False
-        assert speed_matrix.soap_fp16_flops(shapes, hp, cuda) == 0.0
-    finally:
-        linalg.HALF_PROJECTIONS = original
+    monkeypatch.setattr(linalg, "HALF_PROJECTIONS", False)
+    assert speed_matrix.soap_fp16_flops(shapes, hp, cuda) == 0.0
 
 
 def test_matmul_rate_is_a_positive_rate_and_restores_the_tf32_switch():

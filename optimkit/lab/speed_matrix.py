@@ -94,20 +94,16 @@ def soap_flops(shapes, frequency: int, max_dim: int = 10000) -> float:
 
 def soap_fp16_flops(shapes, hp: dict[str, Any], device: torch.device) -> float:
     """The part of :func:`soap_flops` that optimkit's SOAP runs as fp16 products (floored at
-    the fp16 rate): the QR's Q (2 k^3 a refresh) of each side of at least
-    ``linalg.GRAM_SCHMIDT_WIDE`` columns, whose block Gram-Schmidt projections are fp16 at
-    TF32 on CUDA (:func:`optimkit.linalg._half_projections`); 0 elsewhere."""
-    if not (
-        device.type == "cuda"
-        and hp.get("matmul_precision") == "tf32"
-        and hp.get("qr_method") == "gram_schmidt"
-        and linalg.HALF_PROJECTIONS
-    ):
+    the fp16 rate): the QR's Q (2 k^3 a refresh) of each preconditioned side whose block
+    Gram-Schmidt projections are fp16 (:func:`optimkit.linalg.half_projections_at`: at TF32
+    on CUDA, from ``linalg.GRAM_SCHMIDT_WIDE`` columns on); 0 for other QR methods."""
+    if hp.get("qr_method") != "gram_schmidt":
         return 0.0
+    precision = hp.get("matmul_precision", "fp32")
     total = 0.0
     for m, n in _matrices(shapes):
         for k in (m, n):
-            if linalg.GRAM_SCHMIDT_WIDE <= k <= hp["max_precond_dim"]:
+            if k <= hp["max_precond_dim"] and linalg.half_projections_at(k, device, precision):
                 total += 2 * k**3
     return total / hp["precondition_frequency"]
 
