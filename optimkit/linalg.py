@@ -49,6 +49,7 @@ __all__ = [
     "matmul_accumulate_",
     "accumulate_gram_",
     "tf32_round",
+    "half_matmul",
     "batched_qr",
     "cholesky_qr2",
     "block_gram_schmidt_qr",
@@ -89,6 +90,11 @@ HALF_PROJECTIONS = True
 #: :func:`optimkit.kernels.power_iteration.max_eigenvalue_power_iteration` (one program per
 #: matrix, the matrix read once) where it takes the stack (tests switch it off to compare).
 FUSED_POWER_ITERATION = True
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+#: whether :func:`matmul_accumulate_` with 16-bit operands and a float32 ``out`` on CUDA
+#: runs one ``addmm``/``baddbmm`` with ``out_dtype=float32`` whose output is its input
+#: (``out`` read and written in the GEMM's epilogue) instead of a product and an update.
+HALF_ACCUMULATE_IN_PLACE = True
 _QR_STREAMS = 4
 
 #: quintic Newton-Schulz coefficients (a, b, c) of Muon (K. Jordan's reference ``muon.py``).
@@ -123,7 +129,20 @@ def matmul_accumulate_(
     """``out = beta * out + alpha * (a @ b)`` in place, the product at ``precision``
     (:func:`matmul`); on CUDA one GEMM that reads and writes ``out`` in its epilogue
     (``addmm_`` / ``baddbmm_``), with no temporary product. ``out`` may be a strided view;
-    with ``beta == 0`` it is not read (it may hold garbage, as BLAS allows)."""
+    with ``beta == 0`` it is not read (it may hold garbage, as BLAS allows). 16-bit ``a`` and
+    ``b`` (:func:`half_matmul`'s operands) with a float32 ``out`` (``precision`` is then
+    ignored) take their product with fp32 accumulation: on CUDA the same one GEMM
+    (``addmm``/``baddbmm`` with ``out_dtype=float32``, ``out`` as both input and output) where
+    :data:`HALF_ACCUMULATE_IN_PLACE`, else the product then the update."""
+    half = a.dtype in _HALF_DTYPES and out.dtype == torch.float32
+    if half and (not a.is_cuda or not HALF_ACCUMULATE_IN_PLACE or out.dim() not in (2, 3)):
+        product = half_matmul(a, b)
+        if beta == 0:
+            return out.copy_(product if alpha == 1 else product.mul_(alpha))
+        return out.mul_(beta).add_(product, alpha=alpha)
+    if half:
+        gemm = torch.addmm if out.dim() == 2 else torch.baddbmm
+        return gemm(out, a, b, beta=beta, alpha=alpha, out_dtype=torch.float32, out=out)
     if not a.is_cuda or out.dim() not in (2, 3):
         product = matmul(a, b, precision)
         if beta == 0:  # as BLAS: ``out`` is not read (a NaN in it is not propagated)
@@ -202,6 +221,27 @@ class _tf32:
 
     def __exit__(self, *exc: object) -> None:
         torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
+class _half_reductions:
+    """Set ``torch.backends.cuda.matmul.allow_{fp16,bf16}_reduced_precision_reduction``
+    inside the block (False: a 16-bit product's split-K partial sums stay fp32), restore
+    them after."""
+
+    _FLAGS = ("allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __enter__(self) -> None:
+        settings = torch.backends.cuda.matmul
+        self.saved = [getattr(settings, flag) for flag in self._FLAGS]
+        for flag in self._FLAGS:
+            setattr(settings, flag, self.enabled)
+
+    def __exit__(self, *exc: object) -> None:
+        for flag, value in zip(self._FLAGS, self.saved):
+            setattr(torch.backends.cuda.matmul, flag, value)
 
 
 def batched_qr(stack: Tensor) -> Tensor:
@@ -487,11 +527,11 @@ def block_gram_schmidt_qr(
 def _project_out_(panel: Tensor, basis: Tensor, precision: str) -> Tensor:
     r""":math:`W \leftarrow W - B (B^\top W)` in place (two matrix products at ``precision``)
     for orthonormal columns :math:`B`. A float16 ``basis`` (:func:`_half_projections`) takes
-    fp16 products with fp32 accumulation and output (:func:`_half_product`): the panel and the
+    fp16 products with fp32 accumulation and output (:func:`half_matmul`): the panel and the
     coefficients are rounded to fp16 for them. Returns ``panel``."""
     if basis.dtype == torch.float16:
-        coefficients = _half_product(basis.mT, panel.to(torch.float16))
-        return panel.sub_(_half_product(basis, coefficients.to(torch.float16)))
+        coefficients = half_matmul(basis.mT, panel.to(torch.float16))
+        return panel.sub_(half_matmul(basis, coefficients.to(torch.float16)))
     coefficients = matmul(basis.mT, panel, precision)
     return matmul_accumulate_(panel, basis, coefficients, 1.0, -1.0, precision)
 
@@ -525,12 +565,27 @@ def half_projections_at(
     )
 
 
-def _half_product(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` of fp16 stacks ``(..., m, k) @ (..., k, n)`` with fp32 accumulation and an
-    fp32 result (``torch.bmm(..., out_dtype=float32)`` on CUDA; elsewhere the fp16 values
-    multiplied in fp32, the same rounding of the inputs)."""
+def half_matmul(a: Tensor, b: Tensor, out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """``a @ b`` of 16-bit float operands (both float16 or both bfloat16; matrices or stacks
+    ``(..., m, k) @ (..., k, n)``) with fp32 accumulation, the result in ``out_dtype``:
+    float32, or the operands' dtype (the fp32 sum rounded once, as a following product's
+    rounding of its input would). On CUDA one cuBLAS product (``mm``/``bmm`` with
+    ``out_dtype=float32``; 16-bit results with reduced-precision reductions off, so split-K
+    partial sums stay fp32); elsewhere the values multiplied in fp32 (the same rounding of
+    the inputs). float16 operands must be kept in its range by the caller."""
+    if a.dtype not in _HALF_DTYPES or b.dtype != a.dtype:
+        raise ValueError(
+            f"half_matmul takes two float16 or two bfloat16 operands, got {a.dtype} and {b.dtype}"
+        )
+    if out_dtype not in (torch.float32, a.dtype):
+        raise ValueError(f"out_dtype must be torch.float32 or {a.dtype}, got {out_dtype}")
     if not a.is_cuda:
-        return a.float() @ b.float()
+        return (a.float() @ b.float()).to(out_dtype)
+    if out_dtype != torch.float32:
+        with _half_reductions(False):
+            return a @ b
+    if a.dim() == 2 and b.dim() == 2:
+        return torch.mm(a, b, out_dtype=torch.float32)
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     a = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
     b = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])

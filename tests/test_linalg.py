@@ -193,6 +193,64 @@ def test_matmul_accumulate_in_place(dtype):
             torch.testing.assert_close(on_gpu.cpu(), out, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_matmul_accumulates_in_fp32(dtype):
+    """16-bit operands, fp32 accumulation: the exact product of the rounded values to fp32
+    rounding (not the 16-bit rounding of each partial sum); a 16-bit result is that product
+    rounded once; other dtypes or result dtypes are refused by name."""
+    from optimkit.linalg import half_matmul
+
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 6, 300, generator=gen).to(dtype)
+    b = torch.randn(300, 5, generator=gen).to(dtype)
+    exact = a.double() @ b.double()
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    for device in devices:
+        product = half_matmul(a.to(device), b.to(device)).cpu()
+        assert product.dtype == torch.float32
+        torch.testing.assert_close(product.double(), exact, rtol=1e-5, atol=1e-4)
+        rounded = half_matmul(a[0].to(device), b.to(device), dtype).cpu()
+        assert rounded.dtype == dtype
+        torch.testing.assert_close(rounded, exact[0].to(dtype), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="two float16 or two bfloat16"):
+        half_matmul(a, b.float())
+    with pytest.raises(ValueError, match="out_dtype"):
+        half_matmul(a, b, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matmul_accumulate_of_half_operands_into_fp32(dtype):
+    """16-bit operands into an fp32 ``out`` (also a strided view, also beta 0 over NaN):
+    beta out + alpha a @ b with fp32 accumulation; on CUDA the one-GEMM path
+    (addmm/baddbmm with out_dtype, out as input and output) and the product-then-update
+    path both agree with it."""
+    import optimkit.linalg as linalg
+
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(2, 6, 64, generator=gen).to(dtype)
+    b = torch.randn(2, 64, 5, generator=gen).to(dtype)
+    base = torch.randn(2, 7, 8, generator=gen)
+    product = a.double() @ b.double()
+    expected = (0.9 * base[:, 1:, 3:].double() - 0.25 * product).float()
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    for device in devices:
+        for in_place in (True, False):
+            linalg.HALF_ACCUMULATE_IN_PLACE = in_place
+            try:
+                out = base.to(device, copy=True)
+                result = linalg.matmul_accumulate_(
+                    out[:, 1:, 3:], a.to(device), b.to(device), 0.9, -0.25
+                )
+                single = torch.full((6, 5), float("nan"), device=device)
+                linalg.matmul_accumulate_(single, a[0].to(device), b[0].to(device), 0.0, 2.0)
+            finally:
+                linalg.HALF_ACCUMULATE_IN_PLACE = True
+            assert result.data_ptr() == out[:, 1:, 3:].data_ptr()
+            torch.testing.assert_close(out[:, 1:, 3:].cpu(), expected, rtol=1e-5, atol=1e-5)
+            assert torch.equal(out[:, 0].cpu(), base[:, 0])
+            torch.testing.assert_close(single.cpu(), 2 * product[0].float(), rtol=1e-5, atol=1e-5)
+
+
 def test_batched_qr_matches_torch():
     from optimkit.linalg import batched_qr
 

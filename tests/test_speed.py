@@ -276,6 +276,42 @@ def test_soap_fp16_flops_are_the_wide_sides_qr(monkeypatch):
     assert speed_matrix.soap_fp16_flops(shapes, hp, cuda) == 0.0
 
 
+def test_soap_flops_by_precision_split_the_regular_step_from_the_refresh():
+    """The floor's parts: the regular step's products at matmul_precision (bf16 for "bf16"),
+    the refresh's at TF32 for "bf16" and "tf32" (fp32 on the CPU's "tf32"), less its fp16
+    Gram-Schmidt part; together soap_flops."""
+    from optimkit.lab import speed_matrix
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    hp = {
+        "matmul_precision": "bf16",
+        "qr_method": "gram_schmidt",
+        "max_precond_dim": 10000,
+        "precondition_frequency": 10,
+    }
+    shapes = [(5504, 2048), (2048, 2048)]
+    regular, refresh = speed_matrix.soap_flop_parts(shapes, 10)
+    assert regular + refresh == speed_matrix.soap_flops(shapes, 10)
+    assert regular == 2.5 * sum(2 * m * n * (m + n) for m, n in shapes)
+    fp16 = speed_matrix.soap_fp16_flops(shapes, hp, cuda)
+    assert fp16 == 2 * 5504**3 / 10
+    assert speed_matrix.soap_flops_by_precision(shapes, hp, cuda) == {
+        "bf16": regular,
+        "tf32": refresh - fp16,
+        "fp16": fp16,
+    }
+    tf32 = {**hp, "matmul_precision": "tf32"}
+    assert speed_matrix.soap_flops_by_precision(shapes, tf32, cuda) == {
+        "tf32": regular + refresh - fp16,
+        "fp16": fp16,
+    }
+    assert speed_matrix.soap_flops_by_precision(shapes, tf32, cpu) == {"fp32": regular + refresh}
+    assert speed_matrix.soap_flops_by_precision(shapes, hp, cpu) == {
+        "bf16": regular,
+        "tf32": refresh,
+    }
+
+
 def test_matmul_rate_is_a_positive_rate_and_restores_the_tf32_switch():
     """``matmul_rate`` returns a finite positive FLOP/s at each precision and leaves torch's
     global TF32 switch as it found it (it flips it for the ``"tf32"`` measurement)."""

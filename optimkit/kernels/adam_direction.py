@@ -7,15 +7,19 @@ tensors in six passes (``lerp_``, ``mul_``, ``addcmul_``, ``sqrt``, ``add_``, ``
 Triton kernel of
 :func:`adam_direction_` reads ``g``, ``m`` and ``v`` once and writes ``m``, ``v`` and ``n``
 once, with the same roundings (``sqrt`` and the division correctly rounded, as torch's).
+The direction may be written as bfloat16 (SOAP's ``matmul_precision="bf16"``: it is the
+input of bf16 products), rounded to nearest even as torch's ``.to(torch.bfloat16)``.
 Importing this module imports Triton: import it only where :func:`triton_available` holds.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from optimkit.kernels.multi_tensor import _to_dtype
 from optimkit.kernels.rules._moments import adam_moments
 
 #: elements per program.
@@ -33,6 +37,7 @@ def _adam_direction_kernel(
     beta2,
     one_minus_beta2,
     eps,
+    OUT_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -45,7 +50,8 @@ def _adam_direction_kernel(
     )
     tl.store(exp_avg_ptr + offsets, exp_avg, mask=mask)
     tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq, mask=mask)
-    tl.store(out_ptr + offsets, tl.div_rn(exp_avg, tl.sqrt_rn(exp_avg_sq) + eps), mask=mask)
+    direction = tl.div_rn(exp_avg, tl.sqrt_rn(exp_avg_sq) + eps)
+    tl.store(out_ptr + offsets, _to_dtype(direction, OUT_DTYPE), mask=mask)
 
 
 def adam_direction_(
@@ -59,18 +65,31 @@ def adam_direction_(
     block: int = BLOCK,
 ) -> Tensor:
     """Updates ``exp_avg`` and ``exp_avg_sq`` in place and writes the direction into ``out``
-    (which may be ``grad``), one kernel launch. All four tensors: contiguous, fp32, the same
-    shape and device. Returns ``out``."""
+    (which may be ``grad``), one kernel launch. All four tensors: contiguous, the same shape
+    and device; ``grad``, ``exp_avg`` and ``exp_avg_sq`` float32, ``out`` float32 or
+    bfloat16. Returns ``out``."""
     tensors = {"grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "out": out}
     for name, tensor in tensors.items():
         if tensor.shape != grad.shape or not tensor.is_contiguous():
             raise ValueError(f"{name} must be contiguous with grad's shape {tuple(grad.shape)}")
-        if tensor.dtype != grad.dtype or tensor.dtype.itemsize != 4 or tensor.is_complex():
-            raise ValueError(f"{name} must be float32, got {tensor.dtype}")
+        allowed = (torch.float32, torch.bfloat16) if name == "out" else (torch.float32,)
+        if tensor.dtype not in allowed:
+            names = " or ".join(str(dtype) for dtype in allowed)
+            raise ValueError(f"{name} must be {names}, got {tensor.dtype}")
     numel = grad.numel()
     if numel:
         grid = (triton.cdiv(numel, block),)
         _adam_direction_kernel[grid](
-            grad, exp_avg, exp_avg_sq, out, numel, 1 - beta1, beta2, 1 - beta2, eps, BLOCK=block
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            out,
+            numel,
+            1 - beta1,
+            beta2,
+            1 - beta2,
+            eps,
+            OUT_DTYPE=tl.bfloat16 if out.dtype == torch.bfloat16 else tl.float32,
+            BLOCK=block,
         )
     return out

@@ -35,6 +35,7 @@ import torch
 import optimkit
 from optimkit import linalg
 from optimkit.lab.speed import _make_params, _sync, llama_shapes, shapes_for
+from optimkit.optimizers.soap import refresh_precision
 
 
 def matmul_rate(device: torch.device, precision: str, size: int = 4096) -> float:
@@ -70,42 +71,63 @@ def _matrices(shapes: Sequence[tuple[int, ...]]) -> list[tuple[int, int]]:
     return [(s[0], math.prod(s[1:])) for s in shapes if len(s) >= 2]
 
 
-def soap_flops(shapes, frequency: int, max_dim: int = 10000) -> float:
-    """Per step: both statistics, as symmetric products (m^2 n + m n^2: the half on and above
-    the diagonal, which is all a symmetric product needs), the gradient into the eigenbasis
-    and the update back (2 x (2 m^2 n + 2 m n^2)); every ``frequency`` steps, per side of
-    size k: one power iteration (2 k^3), a QR's Q factor (2 k^3: one Gram-Schmidt pass, the
-    least any QR takes to form Q; Householder's R and Q take 8/3 k^3) and the momentum's
-    rotation to the new basis, the cheaper of the two ways: back by the old basis and into
-    the new one (2 x 2 k m n), or one product by Q_new^T Q_old after forming it
+def soap_flop_parts(shapes, frequency: int, max_dim: int = 10000) -> tuple[float, float]:
+    """Per step, ``(regular, refresh)``: the regular step's products, both statistics as
+    symmetric products (m^2 n + m n^2: the half on and above the diagonal, which is all a
+    symmetric product needs), the gradient into the eigenbasis and the update back
+    (2 x (2 m^2 n + 2 m n^2)); and the refresh's every ``frequency`` steps, amortised, per
+    side of size k: one power iteration (2 k^3), a QR's Q factor (2 k^3: one Gram-Schmidt
+    pass, the least any QR takes to form Q; Householder's R and Q take 8/3 k^3) and the
+    momentum's rotation to the new basis, the cheaper of the two ways: back by the old basis
+    and into the new one (2 x 2 k m n), or one product by Q_new^T Q_old after forming it
     (2 k m n + 2 k^3)."""
-    total = 0.0
+    regular = refresh = 0.0
     for m, n in _matrices(shapes):
         sides = [k for k in (m, n) if k <= max_dim]
         rotate = sum(2 * k * m * n for k in sides)  # one side: 2 k * (m n)
-        total += 2.5 * rotate  # statistics (half a rotation), into and out of the eigenbasis
-        refresh = 0.0
+        regular += 2.5 * rotate  # statistics (half a rotation), into and out of the eigenbasis
         for k in sides:
             one_side = 2 * k * m * n
-            refresh += (2 + 2) * k**3 + one_side + min(one_side, 2 * k**3)
-        total += refresh / frequency
-    return total
+            refresh += ((2 + 2) * k**3 + one_side + min(one_side, 2 * k**3)) / frequency
+    return regular, refresh
+
+
+def soap_flops(shapes, frequency: int, max_dim: int = 10000) -> float:
+    """Per step: :func:`soap_flop_parts`, the regular step's and the refresh's together."""
+    return sum(soap_flop_parts(shapes, frequency, max_dim))
 
 
 def soap_fp16_flops(shapes, hp: dict[str, Any], device: torch.device) -> float:
     """The part of :func:`soap_flops` that optimkit's SOAP runs as fp16 products (floored at
     the fp16 rate): the QR's Q (2 k^3 a refresh) of each preconditioned side whose block
-    Gram-Schmidt projections are fp16 (:func:`optimkit.linalg.half_projections_at`: at TF32
-    on CUDA, from ``linalg.GRAM_SCHMIDT_WIDE`` columns on); 0 for other QR methods."""
+    Gram-Schmidt projections are fp16 (:func:`optimkit.linalg.half_projections_at` at the
+    refresh's precision, :func:`optimkit.optimizers.soap.refresh_precision`: at TF32 on
+    CUDA, from ``linalg.GRAM_SCHMIDT_WIDE`` columns on); 0 for other QR methods."""
     if hp.get("qr_method") != "gram_schmidt":
         return 0.0
-    precision = hp.get("matmul_precision", "fp32")
+    precision = refresh_precision(hp.get("matmul_precision", "fp32"))
     total = 0.0
     for m, n in _matrices(shapes):
         for k in (m, n):
             if k <= hp["max_precond_dim"] and linalg.half_projections_at(k, device, precision):
                 total += 2 * k**3
     return total / hp["precondition_frequency"]
+
+
+def soap_flops_by_precision(shapes, hp: dict[str, Any], device: torch.device) -> dict[str, float]:
+    """SOAP's FLOPs per step by the precision its products run at: the regular step's at
+    ``matmul_precision`` (on the device: :func:`precision_of`), the refresh's at
+    :func:`~optimkit.optimizers.soap.refresh_precision` of it, but for
+    :func:`soap_fp16_flops` at fp16."""
+    regular, refresh = soap_flop_parts(shapes, hp["precondition_frequency"], hp["max_precond_dim"])
+    fp16 = soap_fp16_flops(shapes, hp, device)
+    precision = precision_of("SOAP", hp, device)
+    parts: dict[str, float] = {precision: regular}
+    later = refresh_precision(precision)
+    parts[later] = parts.get(later, 0.0) + refresh - fp16
+    if fp16:
+        parts["fp16"] = parts.get("fp16", 0.0) + fp16
+    return parts
 
 
 def shampoo_flops(shapes, block: int, frequency: int) -> float:
@@ -410,8 +432,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         flops = CANDIDATES[algorithm][1](shapes, full)
         counts = dict(getattr(opt, "refresh_counts", {}))
         flops += counts.get("root_matmul_flops", 0.0) / len(times)  # measured, amortised
-        fp16 = soap_fp16_flops(shapes, full, device) if algorithm == "SOAP" else 0.0
-        floor_ms = 1e3 * ((flops - fp16) / rates[precision] + fp16 / rates["fp16"])
+        if algorithm == "SOAP":
+            parts = soap_flops_by_precision(shapes, full, device)
+        else:
+            parts = {precision: flops}
+        floor_ms = 1e3 * sum(part / rates[name] for name, part in parts.items())
         rows.append(
             {
                 "optimizer": label,
@@ -422,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "slowest_ms": 1e3 * max(times),
                 "first_step_s": first,
                 "flops_per_step": flops,
-                "fp16_flops_per_step": fp16,
+                "flops_by_precision": parts,
                 "floor_ms": floor_ms,
                 "vs_floor": ms / floor_ms if floor_ms else None,
                 "vs_torch_fused_adamw": ms / adamw_ms,
@@ -430,12 +455,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "refresh_counts": counts,
             }
         )
-        at_fp16 = f" ({fp16 / 1e12:.2f} at fp16)" if fp16 else ""
+        mixed = ", ".join(f"{part / 1e12:.2f} at {name}" for name, part in parts.items())
+        at = precision if len(parts) == 1 else f"{precision} ({mixed})"
         print(
             f"{label:<34} {ms:9.1f} ms/step (median {rows[-1]['median_ms']:.1f}, slowest "
             f"{rows[-1]['slowest_ms']:.1f}, first step "
             f"{first:.1f} s)  {flops / 1e12:7.2f} TFLOP/step  floor {floor_ms:8.1f} ms at "
-            f"{precision}{at_fp16}  {_ratio(rows[-1]['vs_floor'])} floor  "
+            f"{at}  {_ratio(rows[-1]['vs_floor'])} floor  "
             f"{ms / adamw_ms:.1f}x torch AdamW  {100 * ms / training_ms:.1f}% of a training step"
             + "".join(
                 f"  {counts[key]} {name} fallbacks"

@@ -37,6 +37,7 @@ from optimkit.linalg import (
     accumulate_gram_,
     eigenbasis_eigh,
     eigenbasis_power_qr,
+    half_matmul,
     matmul,
     matmul_accumulate_,
 )
@@ -44,7 +45,7 @@ from optimkit.optimizers._refresh import RefreshCounts
 from optimkit.optimizers.adam import adam_moments_
 from optimkit.registry import REFERENCE_SHAPES, Paper, register
 
-__all__ = ["SOAP", "soap_merged_shape", "mode_product"]
+__all__ = ["SOAP", "soap_merged_shape", "mode_product", "refresh_precision", "SOAP_PRECISIONS"]
 
 
 def soap_merged_shape(shape: tuple[int, ...], max_precond_dim: int) -> tuple[int, ...]:
@@ -67,10 +68,19 @@ def soap_merged_shape(shape: tuple[int, ...], max_precond_dim: int) -> tuple[int
     return tuple(merged)
 
 
-def mode_product(x: Tensor, matrix: Tensor, dim: int, precision: str = "fp32") -> Tensor:
+def mode_product(
+    x: Tensor,
+    matrix: Tensor,
+    dim: int,
+    precision: str = "fp32",
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
     r"""Contract axis ``dim`` of ``x`` with the rows of ``matrix``:
     :math:`y_{\dots a \dots} = \sum_i x_{\dots i \dots} M_{ia}`, keeping the axis order
-    (a matrix product at ``precision``, see :func:`optimkit.linalg.matmul`).
+    (a matrix product at ``precision``, see :func:`optimkit.linalg.matmul`). bfloat16 or
+    float16 ``x`` and ``matrix`` (SOAP's ``matmul_precision="bf16"``) take
+    :func:`optimkit.linalg.half_matmul`'s product, fp32 accumulation, the result in
+    ``out_dtype`` (float32 by default, or the operands' dtype).
 
     ``matrix`` may be a stack ``(b, n, m)``: then ``x`` is ``(b, ...)``, ``x[j]`` is contracted
     with ``matrix[j]`` (one batched product) and ``dim`` counts the axes of ``x[j]``. The first
@@ -78,19 +88,37 @@ def mode_product(x: Tensor, matrix: Tensor, dim: int, precision: str = "fp32") -
     :math:`X M` on its unfoldings); a middle axis is moved last and back."""
     batch = matrix.dim() - 2
     if batch and len(matrix) == 1:  # a stack of one: the plain product (the same rounding)
-        return mode_product(x[0], matrix[0], dim, precision).unsqueeze(0)
+        return mode_product(x[0], matrix[0], dim, precision, out_dtype).unsqueeze(0)
+
+    def product(a: Tensor, b: Tensor) -> Tensor:
+        if a.dtype in (torch.bfloat16, torch.float16):
+            return half_matmul(a, b, out_dtype or torch.float32)
+        return matmul(a, b, precision)
+
     axis = dim + batch
     head, size, out = x.shape[:batch], x.shape[axis], matrix.shape[-1]
     lead = math.prod(x.shape[batch:axis])
     trail = math.prod(x.shape[axis + 1 :])
     out_shape = (*x.shape[:axis], out, *x.shape[axis + 1 :])
     if trail == 1:
-        return matmul(x.reshape(*head, lead, size), matrix, precision).reshape(out_shape)
+        return product(x.reshape(*head, lead, size), matrix).reshape(out_shape)
     if lead == 1:
-        return matmul(matrix.mT, x.reshape(*head, size, trail), precision).reshape(out_shape)
+        return product(matrix.mT, x.reshape(*head, size, trail)).reshape(out_shape)
     moved = torch.movedim(x, axis, -1)
-    product = matmul(moved.reshape(*head, -1, size), matrix, precision)
-    return torch.movedim(product.reshape(*moved.shape[:-1], out), -1, axis)
+    result = product(moved.reshape(*head, -1, size), matrix)
+    return torch.movedim(result.reshape(*moved.shape[:-1], out), -1, axis)
+
+
+#: SOAP's ``matmul_precision`` choices: the linalg ones and "bf16" (the statistics and the
+#: rotations with bf16 operands, the refresh at TF32).
+SOAP_PRECISIONS = (*MATMUL_PRECISIONS, "bf16")
+
+
+def refresh_precision(precision: str) -> str:
+    """The precision of the refresh's products (power iteration, QR, the first moment's
+    rotation to the new basis) for SOAP's ``matmul_precision``: TF32 for "bf16" (whose
+    products of the regular step only are bf16), else the same."""
+    return "tf32" if precision == "bf16" else precision
 
 
 BUCKET_NUMEL = 1 << 26
@@ -170,8 +198,19 @@ class _Bucket:
             and all(p.dtype == dtype and p.is_contiguous() for p in self.params)
         )
 
+    def bases(self, dtype: torch.dtype | None = None) -> dict[int, Tensor]:
+        """Each preconditioned axis' basis stack; as ``dtype`` (a copy, e.g. the bf16
+        operands of ``matmul_precision="bf16"``) where given."""
+        stacks = {k: self.stacks[f"Q{k}"] for k in self.axes}
+        return stacks if dtype is None else {k: q.to(dtype) for k, q in stacks.items()}
+
     def project_back_into_params(
-        self, direction: Tensor, precision: str, step_size: float, decay: float
+        self,
+        direction: Tensor,
+        precision: str,
+        step_size: float,
+        decay: float,
+        bases: Mapping[int, Tensor] | None = None,
     ) -> None:
         r"""The update :math:`N` of :meth:`project` (back) applied to the members as
         :func:`_apply` does, :math:`W \leftarrow (1-\eta\lambda)(W - sN)`, with the last
@@ -180,12 +219,13 @@ class _Bucket:
         :math:`\alpha = -s\beta` (:func:`~optimkit.linalg.matmul_accumulate_`: on CUDA the
         GEMM's epilogue reads and writes :math:`W`, so :math:`N` is never stored and the
         weights take one pass instead of three; the same values up to rounding). One product
-        per member (the weights are separate tensors)."""
+        per member (the weights are separate tensors). ``bases``: as in :meth:`project`."""
+        bases = self.bases() if bases is None else bases
         last = self.axes[-1]
         x = direction
         for k in self.axes[:-1]:
-            x = mode_product(x, self.stacks[f"Q{k}"].mT, k, precision)
-        basis = self.stacks[f"Q{last}"]
+            x = mode_product(x, bases[k].mT, k, precision, bases[k].dtype)
+        basis = bases[last]
         beta, size = 1.0 - decay, self.shape[last]
         for p, member, q in zip(self.params, x.unbind(0), basis.unbind(0)):
             if last == len(self.shape) - 1:  # X Q^T on the (rest, size) unfolding
@@ -194,12 +234,23 @@ class _Bucket:
                 target, a, b = p.view(size, -1), q, member.reshape(size, -1)
             matmul_accumulate_(target, a, b, beta, -step_size * beta, precision)
 
-    def project(self, x: Tensor, back: bool, precision: str) -> Tensor:
+    def project(
+        self,
+        x: Tensor,
+        back: bool,
+        precision: str,
+        bases: Mapping[int, Tensor] | None = None,
+    ) -> Tensor:
         """Each member's slice of ``x`` ``(members, *shape)`` into its eigenbasis
-        (:math:`Q_L^\top G Q_R`), or back (:math:`Q_L N Q_R^\top`)."""
-        for k in self.axes:
-            q = self.stacks[f"Q{k}"]
-            x = mode_product(x, q.mT if back else q, k, precision)
+        (:math:`Q_L^\top G Q_R`), or back (:math:`Q_L N Q_R^\top`). ``bases`` (default: the
+        state's, :meth:`bases`) may be bf16 copies, with ``x`` bf16: every product then has
+        bf16 operands and fp32 accumulation, the intermediate results rounded to bf16 and
+        the last one fp32."""
+        bases = self.bases() if bases is None else bases
+        for i, k in enumerate(self.axes):
+            q = bases[k]
+            last = i == len(self.axes) - 1
+            x = mode_product(x, q.mT if back else q, k, precision, None if last else q.dtype)
         return x
 
 
@@ -214,15 +265,18 @@ def adam_direction(
 ) -> Tensor:
     r"""Adam's moments in place (:func:`~optimkit.optimizers.adam.adam_moments_`) and the
     direction :math:`N = M / (\sqrt V + \epsilon)`, written into ``out`` (may be ``grad``
-    when that is a temporary; a new tensor if None). On CUDA with Triton, fp32 and contiguous
-    tensors: one fused pass (:func:`optimkit.kernels.adam_direction.adam_direction_`, the same
+    when that is a temporary; a new tensor if None; it may be bfloat16, the direction then
+    rounded once). On CUDA with Triton, fp32 (``out`` fp32 or bf16) contiguous tensors: one
+    fused pass (:func:`optimkit.kernels.adam_direction.adam_direction_`, the same
     roundings); else torch ops."""
     out = torch.empty_like(exp_avg) if out is None else out
-    tensors = (grad, exp_avg, exp_avg_sq, out)
+    tensors = (grad, exp_avg, exp_avg_sq)
     if (
         FUSED_DIRECTION
         and grad.is_cuda
         and all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+        and out.dtype in (torch.float32, torch.bfloat16)
+        and out.is_contiguous()
         and triton_available()
     ):
         from optimkit.kernels.adam_direction import adam_direction_
@@ -353,6 +407,16 @@ class SOAP(RefreshCounts, Optimizer):
     fp32 accumulation (their operands lie in [-1, 1], where fp16 keeps TF32's 10-bit
     mantissa; :data:`optimkit.linalg.HALF_PROJECTIONS`). On the GPU, Householder's QR
     factorisations run over a few CUDA streams (:func:`optimkit.linalg.batched_qr`).
+    ``"bf16"``: the regular step's products (the statistics, the rotations into and out of the
+    eigenbasis, the last one into the weights) take bf16 operands with fp32 accumulation (on
+    CUDA cuBLAS's bf16 tensor-core products, :func:`optimkit.linalg.half_matmul`; emulated
+    on the CPU): the gradient is read once into a bf16 stack, the bases are rounded to bf16
+    copies for the step, the Adam direction is written as bf16 and the intermediate products
+    are rounded to bf16 (bf16 keeps fp32's exponent range, so nothing is scaled; it keeps 8
+    mantissa bits where TF32 keeps 10); the moments, statistics and bases stay fp32, and the
+    refresh runs as at ``"tf32"`` (:func:`refresh_precision`). Parameters whose state is
+    fp64 take fp64 products. Against the fp64 reference: within the same 1e-2 over 55 steps
+    (2.7e-3 observed, TF32 4.3e-3).
 
     Speed (one NVIDIA H100, ``optimkit bench speed-matrix --spectrum decaying --peers``, a
     0.6 B transformer-shaped list, frequency 10, fresh gradients every step, a warm refresh
@@ -378,7 +442,9 @@ class SOAP(RefreshCounts, Optimizer):
         "normalize_grads": Hyper(False, Flag(), "authors' soap.py"),
         "correct_bias": Hyper(True, Flag(), "authors' soap.py"),
         "matmul_precision": Hyper(
-            "fp32", Choice(MATMUL_PRECISIONS), "fp32: the authors'; tf32: optimkit's option"
+            "fp32",
+            Choice(SOAP_PRECISIONS),
+            "fp32: the authors'; tf32, bf16: optimkit's options",
         ),
         "qr_method": Hyper(
             "gram_schmidt",
@@ -501,7 +567,7 @@ class SOAP(RefreshCounts, Optimizer):
             for chunk in _chunks(params, math.prod(p_shape)):
                 bucket = self._bucket(chunk, shape, axes)
                 self._step_bucket(bucket, dtype, s, shampoo_beta, hp, requests, rotations)
-        precision = hp["matmul_precision"]
+        precision = refresh_precision(hp["matmul_precision"])
         self._refresh_bases(requests, precision, hp["qr_method"], hp["qr_fp64"])
         for bucket, exp_avg_original in rotations:
             bucket.exp_avg().copy_(bucket.project(exp_avg_original, False, precision))
@@ -521,7 +587,16 @@ class SOAP(RefreshCounts, Optimizer):
         precision = hp["matmul_precision"]
         beta1, beta2 = hp["betas"]
         grads = [p.grad.reshape(bucket.shape) for p in bucket.params]
-        g = (grads[0].unsqueeze(0) if len(grads) == 1 else torch.stack(grads)).to(dtype)
+        # bf16 products: the gradient, the bases and the direction as bf16 operands
+        half = precision == "bf16" and bool(bucket.axes) and dtype == torch.float32
+        if half:
+            g = torch.empty(
+                (len(grads), *bucket.shape), dtype=torch.bfloat16, device=grads[0].device
+            )
+            for slot, grad in zip(g.unbind(0), grads):
+                slot.copy_(grad)  # one pass: read fp32 (or the gradient's dtype), write bf16
+        else:
+            g = (grads[0].unsqueeze(0) if len(grads) == 1 else torch.stack(grads)).to(dtype)
         if hp["maximize"]:
             g = -g
         if s == 0:  # first call: initialise the preconditioner only
@@ -532,28 +607,34 @@ class SOAP(RefreshCounts, Optimizer):
                 requests.setdefault((bucket.shape[k], "eigh"), []).append((bucket, k))
             return
         exp_avg, exp_avg_sq = bucket.exp_avg(), bucket.exp_avg_sq()
-        rotated = bucket.project(g, False, precision)
-        out = None if rotated is g else rotated  # g may be a view of a parameter's .grad
+        bases = bucket.bases(torch.bfloat16 if half else None)
+        rotated = bucket.project(g, False, precision, bases)
+        if half:
+            out = torch.empty(rotated.shape, dtype=torch.bfloat16, device=rotated.device)
+        else:
+            out = None if rotated is g else rotated  # g may be a view of a parameter's .grad
         direction = adam_direction(rotated, exp_avg, exp_avg_sq, beta1, beta2, hp["eps"], out)
         step_size = hp["lr"]
         if hp["correct_bias"]:
             step_size = step_size * (1 - beta2**s) ** 0.5 / (1 - beta1**s)
         decay = hp["lr"] * hp["weight_decay"]
-        if not hp["normalize_grads"] and bucket.update_in_last_product(direction.dtype):
-            bucket.project_back_into_params(direction, precision, step_size, decay)
+        if not hp["normalize_grads"] and bucket.update_in_last_product(dtype):
+            bucket.project_back_into_params(direction, precision, step_size, decay, bases)
         else:
-            norm_grad = bucket.project(direction, True, precision)
+            norm_grad = bucket.project(direction, True, precision, bases)
             if hp["normalize_grads"]:
                 rms = norm_grad.square().reshape(len(norm_grad), -1).mean(1).sqrt()
                 norm_grad = norm_grad / (1e-30 + rms).reshape(-1, *[1] * len(bucket.shape))
             _apply(bucket.params, norm_grad, step_size, decay)
+        del bases, direction
         # update_preconditioner: statistics, then (every f steps) a new basis
         for k in bucket.axes:
             accumulate_gram_(
                 bucket.stacks[f"GG{k}"], g, k, shampoo_beta, 1 - shampoo_beta, precision
             )
         if s % hp["precondition_frequency"] == 0 and bucket.axes:
-            rotations.append((bucket, bucket.project(exp_avg, True, precision)))
+            exp_avg_back = bucket.project(exp_avg, True, refresh_precision(precision))
+            rotations.append((bucket, exp_avg_back))
             for k in bucket.axes:
                 requests.setdefault((bucket.shape[k], "qr"), []).append((bucket, k))
 

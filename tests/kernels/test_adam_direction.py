@@ -44,6 +44,33 @@ def test_kernel_matches_the_torch_ops(monkeypatch, numel, in_place):
     assert torch.isfinite(out).all()
 
 
+def test_kernel_writes_a_bf16_direction_rounded_to_nearest(monkeypatch):
+    """A bfloat16 ``out`` (SOAP's bf16 products): the fp32 direction rounded to nearest even
+    (torch's ``.to(torch.bfloat16)``), the moments as in fp32."""
+    from optimkit.kernels.adam_direction import adam_direction_
+    from optimkit.optimizers import soap
+
+    monkeypatch.setattr(soap, "FUSED_DIRECTION", False)
+    grad, exp_avg, exp_avg_sq = _tensors(1000, seed=3)
+    expected_m, expected_v = exp_avg.clone(), exp_avg_sq.clone()
+    expected = soap.adam_direction(grad.clone(), expected_m, expected_v, 0.9, 0.95, 1e-8)
+    out = torch.empty_like(grad, dtype=torch.bfloat16)
+    block = 16 if DEVICE == "cpu" else 4096
+    adam_direction_(grad, exp_avg, exp_avg_sq, 0.9, 0.95, 1e-8, out, block=block)
+    torch.testing.assert_close(exp_avg, expected_m, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(exp_avg_sq, expected_v, rtol=1e-6, atol=1e-7)
+    # equal to torch's rounding of the same fp32 direction, but for a tie-breaking neighbour
+    # where the fp32 directions differ in their last bit
+    mismatch = (out.float() != expected.to(torch.bfloat16).float()).float().mean()
+    assert mismatch < 1e-2, float(mismatch)
+    torch.testing.assert_close(out.float(), expected, rtol=2**-8, atol=1e-6)
+    torch_ops = torch.empty_like(out)  # the torch ops also write a bf16 direction
+    soap.adam_direction(
+        grad.clone(), exp_avg.clone(), exp_avg_sq.clone(), 0.9, 0.95, 1e-8, torch_ops
+    )
+    assert torch_ops.dtype == torch.bfloat16
+
+
 def test_kernel_refuses_what_it_cannot_take():
     """A tensor of another shape, a strided one, or one not fp32 is refused by name; an empty
     tensor is a no-op."""
@@ -54,8 +81,10 @@ def test_kernel_refuses_what_it_cannot_take():
         adam_direction_(grad, exp_avg, exp_avg_sq[:4], 0.9, 0.95, 1e-8, grad)
     with pytest.raises(ValueError, match="out must be contiguous"):
         adam_direction_(grad, exp_avg, exp_avg_sq, 0.9, 0.95, 1e-8, torch.empty(16)[::2])
-    with pytest.raises(ValueError, match="exp_avg must be float32"):
+    with pytest.raises(ValueError, match="exp_avg must be torch.float32"):
         adam_direction_(grad, exp_avg.double(), exp_avg_sq, 0.9, 0.95, 1e-8, grad)
+    with pytest.raises(ValueError, match="out must be torch.float32 or torch.bfloat16"):
+        adam_direction_(grad, exp_avg, exp_avg_sq, 0.9, 0.95, 1e-8, grad.half())
     empty = torch.empty(0, device=DEVICE)
     assert adam_direction_(empty, empty, empty, 0.9, 0.95, 1e-8, empty) is empty
 
