@@ -418,13 +418,14 @@ class SOAP(RefreshCounts, Optimizer):
     fp64 take fp64 products. Against the fp64 reference: within the same 1e-2 over 55 steps
     (2.7e-3 observed, TF32 4.3e-3).
 
-    Speed (one NVIDIA H100, ``optimkit bench speed-matrix --spectrum decaying --peers``, a
-    0.6 B transformer-shaped list, frequency 10, fresh gradients every step, a warm refresh
-    timed; the committed code, 2026-12-07): TF32 with the default Gram-Schmidt refresh 124.0
-    ms/step (median 86.7 ms, the refresh step 0.46 s, 1 of 168 factorisations falling back
-    to CholeskyQR2; 2.11x its matmul floor of 58.6 ms, 5.3% of a 0.5 M-token training step;
-    124.0-131.4 ms/step over four runs), pytorch_optimizer 4.1.0's SOAP 1,003 ms/step in the
-    same run (8.1x slower). fp32 (at an earlier commit): 634 ms/step.
+    Speed (``optimkit bench speed-matrix --spectrum decaying --peers``, a 0.6 B
+    transformer-shaped list, frequency 10, fresh gradients every step, a warm refresh timed;
+    2026-12-07, one NVIDIA H200): bf16 75.4-75.9 ms/step (median 41.4-41.9 ms, the refresh
+    step 0.38 s; 2.19-2.22x its matmul floor of 34.3 ms, 3.2-3.3% of a 0.5 M-token training
+    step), pytorch_optimizer 4.1.0's SOAP 990.0 ms/step in the same run (13.0x slower); TF32
+    116.6 ms/step (median 82.0 ms, 2.00x its floor of 58.3 ms, 5.0%) in a run beside bf16's
+    75.4. On an H100, in a run before bf16 existed: TF32 124.0 ms/step against
+    pytorch_optimizer's 1,003. fp32 (at an earlier commit): 634 ms/step.
     """
 
     hyperparams = {
