@@ -112,6 +112,7 @@ def matmul(a: Tensor, b: Tensor, precision: str = "fp32") -> Tensor:
     """``a @ b`` at ``precision``: "fp32" (TF32 off) or "tf32" (TF32 inputs, fp32
     accumulation: the tensor cores on CUDA, emulated on other devices). Other dtypes (e.g.
     float64) are multiplied as they are."""
+    _check_precision(precision)
     if precision == "fp32" or a.dtype != torch.float32:
         if a.is_cuda and torch.backends.cuda.matmul.allow_tf32:
             with _tf32(False):
@@ -121,6 +122,11 @@ def matmul(a: Tensor, b: Tensor, precision: str = "fp32") -> Tensor:
         with _tf32(True):
             return a @ b
     return tf32_round(a) @ tf32_round(b)
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"precision must be one of {MATMUL_PRECISIONS}, got {precision!r}")
 
 
 def matmul_accumulate_(
@@ -143,6 +149,7 @@ def matmul_accumulate_(
     if half:
         gemm = torch.addmm if out.dim() == 2 else torch.baddbmm
         return gemm(out, a, b, beta=beta, alpha=alpha, out_dtype=torch.float32, out=out)
+    _check_precision(precision)
     if not a.is_cuda or out.dim() not in (2, 3):
         product = matmul(a, b, precision)
         if beta == 0:  # as BLAS: ``out`` is not read (a NaN in it is not propagated)

@@ -163,6 +163,8 @@ def test_tf32_round_and_matmul_precision():
     assert not torch.equal(matmul(a, b, "tf32"), a @ b)
     d = a.double()
     assert torch.equal(matmul(d, b.double(), "tf32"), d @ b.double())  # fp64 untouched
+    with pytest.raises(ValueError, match="precision must be one of"):
+        matmul(a, b, "bf16")  # 16-bit products take 16-bit operands (half_matmul)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -590,6 +590,8 @@ class SOAP(RefreshCounts, Optimizer):
         grads = [p.grad.reshape(bucket.shape) for p in bucket.params]
         # bf16 products: the gradient, the bases and the direction as bf16 operands
         half = precision == "bf16" and bool(bucket.axes) and dtype == torch.float32
+        if not half:  # fp64 state, or no product: nothing to take bf16 operands
+            precision = refresh_precision(precision)
         if half:
             g = torch.empty(
                 (len(grads), *bucket.shape), dtype=torch.bfloat16, device=grads[0].device

@@ -308,6 +308,13 @@ def test_lower_precision_matmuls_stay_close_to_the_fp64_reference(precision):
         SOAP([torch.zeros(2, 2, requires_grad=True)], matmul_precision="fp16")
 
 
+def test_bf16_precision_leaves_fp64_parameters_in_fp64():
+    """matmul_precision="bf16" rounds nothing of a parameter whose state is fp64: its
+    products stay fp64, on the reference's trajectory."""
+    _, params, refs = run(torch.float64, steps=12, hp={"matmul_precision": "bf16"})
+    assert_parity(params, refs, 1e-10)
+
+
 def test_bf16_products_take_bf16_operands(monkeypatch):
     """With matmul_precision="bf16" the regular step's products (statistics, into and out of
     the eigenbasis, the last one into the weights) have bf16 operands and the refresh's have
