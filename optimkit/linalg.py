@@ -141,20 +141,17 @@ def matmul_accumulate_(
     (``addmm``/``baddbmm`` with ``out_dtype=float32``, ``out`` as both input and output) where
     :data:`HALF_ACCUMULATE_IN_PLACE`, else the product then the update."""
     half = a.dtype in _HALF_DTYPES and out.dtype == torch.float32
-    if half and (not a.is_cuda or not HALF_ACCUMULATE_IN_PLACE or out.dim() not in (2, 3)):
-        product = half_matmul(a, b)
-        if beta == 0:
+    if not half:
+        _check_precision(precision)
+    one_gemm = a.is_cuda and out.dim() in (2, 3) and (HALF_ACCUMULATE_IN_PLACE or not half)
+    if not one_gemm:  # the product, then the update
+        product = half_matmul(a, b) if half else matmul(a, b, precision)
+        if beta == 0:  # as BLAS: ``out`` is not read (a NaN in it is not propagated)
             return out.copy_(product if alpha == 1 else product.mul_(alpha))
         return out.mul_(beta).add_(product, alpha=alpha)
     if half:
         gemm = torch.addmm if out.dim() == 2 else torch.baddbmm
         return gemm(out, a, b, beta=beta, alpha=alpha, out_dtype=torch.float32, out=out)
-    _check_precision(precision)
-    if not a.is_cuda or out.dim() not in (2, 3):
-        product = matmul(a, b, precision)
-        if beta == 0:  # as BLAS: ``out`` is not read (a NaN in it is not propagated)
-            return out.copy_(product if alpha == 1 else product.mul_(alpha))
-        return out.mul_(beta).add_(product, alpha=alpha)
     with _tf32(precision == "tf32" and a.dtype == torch.float32):
         if out.dim() == 2:
             return out.addmm_(a, b, beta=beta, alpha=alpha)

@@ -250,6 +250,14 @@ def test_speed_matrix_decaying_spectrum(tmp_path, capsys):
         speed_matrix.main([*argv, "--spectrum", "flat"])
 
 
+#: SOAP's hyperparameters that its floor reads (with a matmul_precision of each test's)
+SOAP_FLOOR_HP = {
+    "qr_method": "gram_schmidt",
+    "max_precond_dim": 10000,
+    "precondition_frequency": 10,
+}
+
+
 def test_soap_fp16_flops_are_the_wide_sides_qr(monkeypatch):
     """The part of SOAP's floor at the fp16 rate: the QR's Q (2 k^3 a refresh) of the sides
     from linalg.GRAM_SCHMIDT_WIDE columns on, whose Gram-Schmidt projections run as fp16
@@ -258,12 +266,7 @@ def test_soap_fp16_flops_are_the_wide_sides_qr(monkeypatch):
     from optimkit.lab import speed_matrix
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    hp = {
-        "matmul_precision": "tf32",
-        "qr_method": "gram_schmidt",
-        "max_precond_dim": 10000,
-        "precondition_frequency": 10,
-    }
+    hp = {**SOAP_FLOOR_HP, "matmul_precision": "tf32"}
     shapes = [(5504, 2048), (2048, 2048), (4096, 10)]
     assert speed_matrix.soap_fp16_flops(shapes, hp, cuda) == 2 * (5504**3 + 4096**3) / 10
     assert speed_matrix.soap_fp16_flops(shapes, {**hp, "max_precond_dim": 5000}, cuda) == (
@@ -283,12 +286,7 @@ def test_soap_flops_by_precision_split_the_regular_step_from_the_refresh():
     from optimkit.lab import speed_matrix
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    hp = {
-        "matmul_precision": "bf16",
-        "qr_method": "gram_schmidt",
-        "max_precond_dim": 10000,
-        "precondition_frequency": 10,
-    }
+    hp = {**SOAP_FLOOR_HP, "matmul_precision": "bf16"}
     shapes = [(5504, 2048), (2048, 2048)]
     regular, refresh = speed_matrix.soap_flop_parts(shapes, 10)
     assert regular + refresh == speed_matrix.soap_flops(shapes, 10)

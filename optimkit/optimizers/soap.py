@@ -590,15 +590,14 @@ class SOAP(RefreshCounts, Optimizer):
         grads = [p.grad.reshape(bucket.shape) for p in bucket.params]
         # bf16 products: the gradient, the bases and the direction as bf16 operands
         half = precision == "bf16" and bool(bucket.axes) and dtype == torch.float32
-        if not half:  # fp64 state, or no product: nothing to take bf16 operands
-            precision = refresh_precision(precision)
         if half:
             g = torch.empty(
                 (len(grads), *bucket.shape), dtype=torch.bfloat16, device=grads[0].device
             )
             for slot, grad in zip(g.unbind(0), grads):
                 slot.copy_(grad)  # one pass: read fp32 (or the gradient's dtype), write bf16
-        else:
+        else:  # fp64 state, or no product: nothing takes bf16 operands
+            precision = refresh_precision(precision)
             g = (grads[0].unsqueeze(0) if len(grads) == 1 else torch.stack(grads)).to(dtype)
         if hp["maximize"]:
             g = -g
