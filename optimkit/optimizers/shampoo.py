@@ -12,7 +12,7 @@ import itertools
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from operator import is_
+from operator import is_, itemgetter
 from typing import Any
 
 import torch
@@ -104,6 +104,18 @@ class _MatrixBlocks:
     roots: tuple[Tensor, Tensor]
     views: tuple[Tensor, ...]  # every per-block entry, to notice one replaced from outside
     keys: tuple[str, ...]  # their state keys, in the same order
+
+    def __post_init__(self) -> None:
+        self._entries = itemgetter(*self.keys)
+
+    def holds(self, state: Mapping[str, Any]) -> bool:
+        """Whether every per-block entry of ``state`` is still this layout's view (none was
+        replaced or removed): one pass over the keys in C, run every step."""
+        try:
+            entries = self._entries(state)
+        except KeyError:
+            return False
+        return all(map(is_, entries, self.views))
 
     def split(self, matrix: Tensor) -> Tensor:
         """``(m, n)`` -> ``(blocks, rows, cols)`` in ``block_slices`` order (row-major)."""
@@ -418,7 +430,7 @@ class Shampoo(RefreshCounts, Optimizer):
         if (
             packed is not None
             and (packed.grid, packed.size) == (grid, size)
-            and all(map(is_, map(state.get, packed.keys), packed.views))
+            and packed.holds(state)
         ):
             return packed
         keys = [

@@ -355,3 +355,29 @@ def test_evenly_split_matrices_are_batched_and_resume_from_checkpoints():
         opt.step()  # roots are refreshed at every step (the default frequency, 1)
     assert torch.equal(state["root2_0"], before)
     assert state["root_failures"] == 1
+
+
+def test_a_block_entry_replaced_from_outside_is_used():
+    """The stacked layout checks every step that each per-block entry is still its view: an
+    entry the user replaces (here one block's root and one's statistic) is what the next
+    step reads, as in the per-block loop, and the stacks are rebuilt around it."""
+    w = torch.randn(8, 12, dtype=torch.float64, requires_grad=True)
+    opt = Shampoo([w], lr=0.05, block_size=4, graft="adagrad", preconditioning_compute_steps=3)
+    twin_w = w.detach().clone().requires_grad_()
+    looped = Shampoo(
+        [twin_w], lr=0.05, block_size=4, graft="adagrad", preconditioning_compute_steps=3
+    )
+    looped._packed = lambda *args: None
+    for t in range(4):
+        if t == 2:
+            for o, p in ((opt, w), (looped, twin_w)):
+                o.state[p]["root3_1"] = 2 * torch.eye(4, dtype=torch.float64)
+                o.state[p]["stat1_0"] = 5 * torch.eye(4, dtype=torch.float64)
+        g = grads_for(t, [(8, 12)], torch.float64)[0]
+        w.grad, twin_w.grad = g.clone(), g.clone()
+        opt.step()
+        looped.step()
+        torch.testing.assert_close(w, twin_w, rtol=1e-12, atol=1e-12)
+    state = opt.state[w]
+    storages = {state[f"root{b}_1"].untyped_storage().data_ptr() for b in range(6)}
+    assert len(storages) == 1  # stacked again, the replaced entry included
