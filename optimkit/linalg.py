@@ -531,12 +531,14 @@ def block_gram_schmidt_qr(
 def _project_out_(panel: Tensor, basis: Tensor, precision: str) -> Tensor:
     r""":math:`W \leftarrow W - B (B^\top W)` in place (two matrix products at ``precision``)
     for orthonormal columns :math:`B`. A float16 ``basis`` (:func:`_half_projections`) takes
-    fp16 products with fp32 accumulation and output (:func:`half_matmul`): the panel and the
-    coefficients are rounded to fp16 for them. Returns ``panel``."""
+    fp16 products with fp32 accumulation: the panel is rounded to fp16 for the first, whose
+    coefficients come out as fp16 (:func:`half_matmul`), and the second is subtracted from
+    the fp32 panel by :func:`matmul_accumulate_` (on CUDA one GEMM, no temporary). Returns
+    ``panel``."""
     if basis.dtype == torch.float16:
-        coefficients = half_matmul(basis.mT, panel.to(torch.float16))
-        return panel.sub_(half_matmul(basis, coefficients.to(torch.float16)))
-    coefficients = matmul(basis.mT, panel, precision)
+        coefficients = half_matmul(basis.mT, panel.to(torch.float16), torch.float16)
+    else:
+        coefficients = matmul(basis.mT, panel, precision)
     return matmul_accumulate_(panel, basis, coefficients, 1.0, -1.0, precision)
 
 
