@@ -280,32 +280,42 @@ def test_soap_fp16_flops_are_the_wide_sides_qr(monkeypatch):
 
 
 def test_soap_flops_by_precision_split_the_regular_step_from_the_refresh():
-    """The floor's parts: the regular step's products at matmul_precision (bf16 for "bf16"),
-    the refresh's at TF32 for "bf16" and "tf32" (fp32 on the CPU's "tf32"), less its fp16
-    Gram-Schmidt part; together soap_flops."""
+    """The floor's parts: the regular step's products and the momentum's rotation at a
+    refresh at matmul_precision (bf16 for "bf16"), the refresh's power iteration and QR at
+    TF32 for "bf16" and "tf32" (fp32 on the CPU's "tf32"), less its fp16 Gram-Schmidt part;
+    together soap_flops."""
     from optimkit.lab import speed_matrix
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     hp = {**SOAP_FLOOR_HP, "matmul_precision": "bf16"}
     shapes = [(5504, 2048), (2048, 2048)]
-    regular, refresh = speed_matrix.soap_flop_parts(shapes, 10)
-    assert regular + refresh == speed_matrix.soap_flops(shapes, 10)
+    regular, refresh, rotation = speed_matrix.soap_flop_parts(shapes, 10)
+    assert regular + refresh + rotation == speed_matrix.soap_flops(shapes, 10)
     assert regular == 2.5 * sum(2 * m * n * (m + n) for m, n in shapes)
+    assert refresh == 4 * (3 * 2048**3 + 5504**3) / 10
+    # 5504 x 2048: back and into the new basis on the 5504 side (2 * 2 k m n), by
+    # Q_new^T Q_old on the 2048 side (2 k m n + 2 k^3); 2048 x 2048: the same on both sides
+    one_side = 2 * 5504 * 2048
+    assert rotation == pytest.approx(
+        (2 * one_side * 5504 + one_side * 2048 + 2 * 2048**3 + 2 * (2 * 2048**3 + 2 * 2048**3)) / 10
+    )
     fp16 = speed_matrix.soap_fp16_flops(shapes, hp, cuda)
     assert fp16 == 2 * 5504**3 / 10
     assert speed_matrix.soap_flops_by_precision(shapes, hp, cuda) == {
-        "bf16": regular,
+        "bf16": regular + rotation,
         "tf32": refresh - fp16,
         "fp16": fp16,
     }
     tf32 = {**hp, "matmul_precision": "tf32"}
     assert speed_matrix.soap_flops_by_precision(shapes, tf32, cuda) == {
-        "tf32": regular + refresh - fp16,
+        "tf32": regular + rotation + refresh - fp16,
         "fp16": fp16,
     }
-    assert speed_matrix.soap_flops_by_precision(shapes, tf32, cpu) == {"fp32": regular + refresh}
+    assert speed_matrix.soap_flops_by_precision(shapes, tf32, cpu) == {
+        "fp32": regular + rotation + refresh
+    }
     assert speed_matrix.soap_flops_by_precision(shapes, hp, cpu) == {
-        "bf16": regular,
+        "bf16": regular + rotation,
         "tf32": refresh,
     }
 

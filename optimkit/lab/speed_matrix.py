@@ -71,25 +71,26 @@ def _matrices(shapes: Sequence[tuple[int, ...]]) -> list[tuple[int, int]]:
     return [(s[0], math.prod(s[1:])) for s in shapes if len(s) >= 2]
 
 
-def soap_flop_parts(shapes, frequency: int, max_dim: int = 10000) -> tuple[float, float]:
-    """Per step, ``(regular, refresh)``: the regular step's products, both statistics as
-    symmetric products (m^2 n + m n^2: the half on and above the diagonal, which is all a
-    symmetric product needs), the gradient into the eigenbasis and the update back
-    (2 x (2 m^2 n + 2 m n^2)); and the refresh's every ``frequency`` steps, amortised, per
-    side of size k: one power iteration (2 k^3), a QR's Q factor (2 k^3: one Gram-Schmidt
-    pass, the least any QR takes to form Q; Householder's R and Q take 8/3 k^3) and the
-    momentum's rotation to the new basis, the cheaper of the two ways: back by the old basis
-    and into the new one (2 x 2 k m n), or one product by Q_new^T Q_old after forming it
-    (2 k m n + 2 k^3)."""
-    regular = refresh = 0.0
+def soap_flop_parts(shapes, frequency: int, max_dim: int = 10000) -> tuple[float, float, float]:
+    """Per step, ``(regular, refresh, rotation)``: the regular step's products, both
+    statistics as symmetric products (m^2 n + m n^2: the half on and above the diagonal,
+    which is all a symmetric product needs), the gradient into the eigenbasis and the update
+    back (2 x (2 m^2 n + 2 m n^2)); the refresh's every ``frequency`` steps, amortised, per
+    side of size k: one power iteration (2 k^3) and a QR's Q factor (2 k^3: one Gram-Schmidt
+    pass, the least any QR takes to form Q; Householder's R and Q take 8/3 k^3); and, also
+    every ``frequency`` steps, the momentum's rotation to the new basis, the cheaper of the
+    two ways: back by the old basis and into the new one (2 x 2 k m n), or one product by
+    Q_new^T Q_old after forming it (2 k m n + 2 k^3)."""
+    regular = refresh = rotation = 0.0
     for m, n in _matrices(shapes):
         sides = [k for k in (m, n) if k <= max_dim]
         rotate = sum(2 * k * m * n for k in sides)  # one side: 2 k * (m n)
         regular += 2.5 * rotate  # statistics (half a rotation), into and out of the eigenbasis
         for k in sides:
             one_side = 2 * k * m * n
-            refresh += ((2 + 2) * k**3 + one_side + min(one_side, 2 * k**3)) / frequency
-    return regular, refresh
+            refresh += (2 + 2) * k**3 / frequency
+            rotation += (one_side + min(one_side, 2 * k**3)) / frequency
+    return regular, refresh, rotation
 
 
 def soap_flops(shapes, frequency: int, max_dim: int = 10000) -> float:
@@ -115,14 +116,17 @@ def soap_fp16_flops(shapes, hp: dict[str, Any], device: torch.device) -> float:
 
 
 def soap_flops_by_precision(shapes, hp: dict[str, Any], device: torch.device) -> dict[str, float]:
-    """SOAP's FLOPs per step by the precision its products run at: the regular step's at
-    ``matmul_precision`` (on the device: :func:`precision_of`), the refresh's at
+    """SOAP's FLOPs per step by the precision its products run at: the regular step's and
+    the momentum's rotation at a refresh at ``matmul_precision`` (on the device:
+    :func:`precision_of`), the refresh's power iteration and QR at
     :func:`~optimkit.optimizers.soap.refresh_precision` of it, but for
     :func:`soap_fp16_flops` at fp16."""
-    regular, refresh = soap_flop_parts(shapes, hp["precondition_frequency"], hp["max_precond_dim"])
+    regular, refresh, rotation = soap_flop_parts(
+        shapes, hp["precondition_frequency"], hp["max_precond_dim"]
+    )
     fp16 = soap_fp16_flops(shapes, hp, device)
     precision = precision_of("SOAP", hp, device)
-    parts: dict[str, float] = {precision: regular}
+    parts: dict[str, float] = {precision: regular + rotation}
     later = refresh_precision(precision)
     parts[later] = parts.get(later, 0.0) + refresh - fp16
     if fp16:

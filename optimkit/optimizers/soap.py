@@ -110,14 +110,15 @@ def mode_product(
 
 
 #: SOAP's ``matmul_precision`` choices: the linalg ones and "bf16" (the statistics and the
-#: rotations with bf16 operands, the refresh at TF32).
+#: rotations, the first moment's at a refresh included, with bf16 operands; the refresh's
+#: power iteration and QR at TF32).
 SOAP_PRECISIONS = (*MATMUL_PRECISIONS, "bf16")
 
 
 def refresh_precision(precision: str) -> str:
-    """The precision of the refresh's products (power iteration, QR, the first moment's
-    rotation to the new basis) for SOAP's ``matmul_precision``: TF32 for "bf16" (whose
-    products of the regular step only are bf16), else the same."""
+    """The precision of the refresh's products (power iteration, QR) for SOAP's
+    ``matmul_precision``: TF32 for "bf16" (whose products of the regular step and of the
+    first moment's rotation to the new basis only are bf16), else the same."""
     return "tf32" if precision == "bf16" else precision
 
 
@@ -240,17 +241,19 @@ class _Bucket:
         back: bool,
         precision: str,
         bases: Mapping[int, Tensor] | None = None,
+        out_dtype: torch.dtype | None = None,
     ) -> Tensor:
         """Each member's slice of ``x`` ``(members, *shape)`` into its eigenbasis
         (:math:`Q_L^\top G Q_R`), or back (:math:`Q_L N Q_R^\top`). ``bases`` (default: the
         state's, :meth:`bases`) may be bf16 copies, with ``x`` bf16: every product then has
         bf16 operands and fp32 accumulation, the intermediate results rounded to bf16 and
-        the last one fp32."""
+        the last one fp32, or ``out_dtype`` (bf16: the operand of a later product)."""
         bases = self.bases() if bases is None else bases
         for i, k in enumerate(self.axes):
             q = bases[k]
             last = i == len(self.axes) - 1
-            x = mode_product(x, q.mT if back else q, k, precision, None if last else q.dtype)
+            dtype = out_dtype if last else q.dtype
+            x = mode_product(x, q.mT if back else q, k, precision, dtype)
         return x
 
 
@@ -413,10 +416,12 @@ class SOAP(RefreshCounts, Optimizer):
     on the CPU): the gradient is read once into a bf16 stack, the bases are rounded to bf16
     copies for the step, the Adam direction is written as bf16 and the intermediate products
     are rounded to bf16 (bf16 keeps fp32's exponent range, so nothing is scaled; it keeps 8
-    mantissa bits where TF32 keeps 10); the moments, statistics and bases stay fp32, and the
-    refresh runs as at ``"tf32"`` (:func:`refresh_precision`). Parameters whose state is
-    fp64 take fp64 products. Against the fp64 reference: within the same 1e-2 over 55 steps
-    (2.7e-3 observed, TF32 4.3e-3).
+    mantissa bits where TF32 keeps 10); the moments, statistics and bases stay fp32. At a
+    refresh the first moment's rotation from the old basis to the new one takes bf16
+    operands too (the momentum rounded to bf16 for it, as the gradient is each step); the
+    power iteration and the QR run as at ``"tf32"`` (:func:`refresh_precision`). Parameters
+    whose state is fp64 take fp64 products. Against the fp64 reference: within the same 1e-2
+    over 55 steps (2.7e-3 observed, TF32 4.3e-3).
 
     Speed (``optimkit bench speed-matrix --spectrum decaying --peers``, a 0.6 B
     transformer-shaped list, frequency 10, fresh gradients every step, a warm refresh timed;
@@ -571,7 +576,12 @@ class SOAP(RefreshCounts, Optimizer):
         precision = refresh_precision(hp["matmul_precision"])
         self._refresh_bases(requests, precision, hp["qr_method"], hp["qr_fp64"])
         for bucket, exp_avg_original in rotations:
-            bucket.exp_avg().copy_(bucket.project(exp_avg_original, False, precision))
+            if exp_avg_original.dtype == torch.bfloat16:  # matmul_precision="bf16"
+                bases = bucket.bases(torch.bfloat16)
+                rotated = bucket.project(exp_avg_original, False, "bf16", bases)
+            else:
+                rotated = bucket.project(exp_avg_original, False, precision)
+            bucket.exp_avg().copy_(rotated)
 
     def _step_bucket(
         self,
@@ -628,15 +638,22 @@ class SOAP(RefreshCounts, Optimizer):
                 rms = norm_grad.square().reshape(len(norm_grad), -1).mean(1).sqrt()
                 norm_grad = norm_grad / (1e-30 + rms).reshape(-1, *[1] * len(bucket.shape))
             _apply(bucket.params, norm_grad, step_size, decay)
+        refresh = s % hp["precondition_frequency"] == 0 and bool(bucket.axes)
+        if refresh:  # the first moment back from the old eigenbasis, into the new one later
+            if half:  # bf16 operands, as the regular step's rotations (the same bf16 bases)
+                exp_avg_back = bucket.project(
+                    exp_avg.to(torch.bfloat16), True, precision, bases, torch.bfloat16
+                )
+            else:
+                exp_avg_back = bucket.project(exp_avg, True, refresh_precision(precision))
+            rotations.append((bucket, exp_avg_back))
         del bases, direction
         # update_preconditioner: statistics, then (every f steps) a new basis
         for k in bucket.axes:
             accumulate_gram_(
                 bucket.stacks[f"GG{k}"], g, k, shampoo_beta, 1 - shampoo_beta, precision
             )
-        if s % hp["precondition_frequency"] == 0 and bucket.axes:
-            exp_avg_back = bucket.project(exp_avg, True, refresh_precision(precision))
-            rotations.append((bucket, exp_avg_back))
+        if refresh:
             for k in bucket.axes:
                 requests.setdefault((bucket.shape[k], "qr"), []).append((bucket, k))
 

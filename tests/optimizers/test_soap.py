@@ -317,8 +317,9 @@ def test_bf16_precision_leaves_fp64_parameters_in_fp64():
 
 def test_bf16_products_take_bf16_operands(monkeypatch):
     """With matmul_precision="bf16" the regular step's products (statistics, into and out of
-    the eigenbasis, the last one into the weights) have bf16 operands and the refresh's have
-    none; the state stays fp32; a parameter with no preconditioned axis keeps its fp32
+    the eigenbasis, the last one into the weights) and the first moment's rotation at a
+    refresh have bf16 operands and the refresh's power iteration and QR none (TF32); the
+    state stays fp32; a parameter with no preconditioned axis keeps its fp32
     gradient (no product); bf16 and TF32 trajectories differ."""
     import optimkit.linalg as linalg
     import optimkit.optimizers.soap as soap
@@ -341,13 +342,22 @@ def test_bf16_products_take_bf16_operands(monkeypatch):
         refresh_precisions.append(precision)
         return refresh(stats, bases, precision, *args, **kwargs)
 
+    fp32_products = []
+    fp32_matmul = soap.matmul
+
+    def spy_matmul(a, b, precision="fp32"):
+        fp32_products.append((a.dtype, precision))
+        return fp32_matmul(a, b, precision)
+
     monkeypatch.setattr(soap, "eigenbasis_power_qr", spy_refresh)
+    monkeypatch.setattr(soap, "matmul", spy_matmul)
     monkeypatch.setattr(soap, "half_matmul", spy_product)
     monkeypatch.setattr(soap, "matmul_accumulate_", spy_accumulate)
     monkeypatch.setattr(linalg, "matmul_accumulate_", spy_accumulate)
     hp = {"matmul_precision": "bf16", "precondition_frequency": 2}
     opt, params, _ = run(torch.float32, steps=4, hp=hp)
     assert refresh_precisions and set(refresh_precisions) == {"tf32"}
+    assert not fp32_products  # the first moment's rotations at a refresh too are bf16
     assert set(operands) == {
         (torch.bfloat16, torch.bfloat16, "product"),
         (torch.bfloat16, torch.bfloat16, "accumulate"),
