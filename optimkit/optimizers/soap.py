@@ -115,6 +115,16 @@ def mode_product(
 SOAP_PRECISIONS = (*MATMUL_PRECISIONS, "bf16")
 
 
+def bases_dtype(precision: str, state_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of SOAP's eigenbases ``Q{k}`` for ``matmul_precision`` and the dtype of the
+    rest of the state: bf16 for "bf16" with fp32 state (every product they enter then takes
+    them as they are, bf16 operands, with no copy a step; the refresh computes the new ones
+    from an fp32 copy and rounds them once), else the state's dtype."""
+    if precision == "bf16" and state_dtype == torch.float32:
+        return torch.bfloat16
+    return state_dtype
+
+
 def refresh_precision(precision: str) -> str:
     """The precision of the refresh's products (power iteration, QR) for SOAP's
     ``matmul_precision``: TF32 for "bf16" (whose products of the regular step and of the
@@ -200,8 +210,9 @@ class _Bucket:
         )
 
     def bases(self, dtype: torch.dtype | None = None) -> dict[int, Tensor]:
-        """Each preconditioned axis' basis stack; as ``dtype`` (a copy, e.g. the bf16
-        operands of ``matmul_precision="bf16"``) where given."""
+        """Each preconditioned axis' basis stack; as ``dtype`` where given (e.g. the bf16
+        operands of ``matmul_precision="bf16"``: a copy unless the bases are kept in it,
+        :func:`bases_dtype`)."""
         stacks = {k: self.stacks[f"Q{k}"] for k in self.axes}
         return stacks if dtype is None else {k: q.to(dtype) for k, q in stacks.items()}
 
@@ -416,12 +427,16 @@ class SOAP(RefreshCounts, Optimizer):
     on the CPU): the gradient is read once into a bf16 stack, the bases are rounded to bf16
     copies for the step, the Adam direction is written as bf16 and the intermediate products
     are rounded to bf16 (bf16 keeps fp32's exponent range, so nothing is scaled; it keeps 8
-    mantissa bits where TF32 keeps 10); the moments, statistics and bases stay fp32. At a
-    refresh the first moment's rotation from the old basis to the new one takes bf16
-    operands too (the momentum rounded to bf16 for it, as the gradient is each step); the
-    power iteration and the QR run as at ``"tf32"`` (:func:`refresh_precision`). Parameters
-    whose state is fp64 take fp64 products. Against the fp64 reference: within the same 1e-2
-    over 55 steps (2.7e-3 observed, TF32 4.3e-3).
+    mantissa bits where TF32 keeps 10). The bases are kept as bf16 (:func:`bases_dtype`: the
+    operands the products take, so no copy is made a step; 20.24 state bytes/param at the
+    reference shapes instead of 24.33, 14.7 GB instead of 18.0 on the 0.6 B list below); the
+    moments and statistics stay fp32. At a refresh the first moment's rotation from the old
+    basis to the new one takes bf16 operands too (the momentum rounded to bf16 for it, as the
+    gradient is each step); the power iteration and the QR run as at ``"tf32"``
+    (:func:`refresh_precision`) from fp32 copies of the bases, and the new bases are rounded
+    to bf16 once. A group switched to another precision converts its bases at its next
+    step. Parameters whose state is fp64 take fp64 products. Against the fp64 reference:
+    within the same 1e-2 over 55 steps (2.7e-3 observed, TF32 4.3e-3).
 
     Speed (``optimkit bench speed-matrix --spectrum decaying --peers``, a 0.6 B
     transformer-shaped list, frequency 10, fresh gradients every step, a warm refresh timed;
@@ -476,19 +491,24 @@ class SOAP(RefreshCounts, Optimizer):
         cls, hp: Mapping[str, Any] | None = None, dtype: torch.dtype = torch.float32
     ) -> float:
         r"""Bytes/element at the reference shapes [64x48, 48] (the battery's):
-        :math:`s\,(2N + \sum_k 2 n_k^2) / N` over the preconditioned axes (``s`` = 4 for fp32 and
-        for bf16/fp16, whose state is fp32)."""
+        :math:`(s\,(2N + \sum_k n_k^2) + q \sum_k n_k^2) / N` over the preconditioned axes
+        (``s`` = 4 for fp32 and for bf16/fp16, whose state is fp32; ``q`` the bases' bytes,
+        :func:`bases_dtype`: ``s``, or 2 at ``matmul_precision="bf16"``)."""
         full = cls.with_defaults(hp)
-        itemsize = torch.empty((), dtype=torch.promote_types(dtype, torch.float32)).element_size()
-        elements = 0
+        state = torch.promote_types(dtype, torch.float32)
+        itemsize = torch.empty((), dtype=state).element_size()
+        basis_size = torch.empty((), dtype=bases_dtype(full["matmul_precision"], state))
+        basis_size = basis_size.element_size()
+        total = 0.0
         numel = 0
         for shape in REFERENCE_SHAPES:
             n = 1
             for size in shape:
                 n *= size
             numel += n
-            elements += 2 * n + sum(2 * k * k for k in cls._preconditioned_sizes(shape, full))
-        return elements * itemsize / numel
+            squares = sum(k * k for k in cls._preconditioned_sizes(shape, full))
+            total += (2 * n + squares) * itemsize + squares * basis_size
+        return total / numel
 
     @classmethod
     def _preconditioned_sizes(cls, shape: tuple[int, ...], hp: Mapping[str, Any]) -> list[int]:
@@ -517,8 +537,17 @@ class SOAP(RefreshCounts, Optimizer):
         return [k for k in range(rank) if f"Q{k}" in state]
 
     def state_dtype(self, key: str, param: Tensor) -> torch.dtype:
-        """Statistics, bases and moments are kept in at least fp32, also for bf16 weights."""
-        return torch.promote_types(param.dtype, torch.float32)
+        """Statistics, bases and moments are kept in at least fp32, also for bf16 weights; the
+        bases ``Q{k}`` of a group at ``matmul_precision="bf16"`` in bf16
+        (:func:`bases_dtype`)."""
+        dtype = torch.promote_types(param.dtype, torch.float32)
+        if key.startswith("Q") and key[1:].isdigit():
+            group = next(
+                (g for g in self.param_groups if any(q is param for q in g["params"])), None
+            )
+            if group is not None:
+                return bases_dtype(group.get("matmul_precision", "fp32"), dtype)
+        return dtype
 
     def _upgrade_state(self, state: dict[str, Any]) -> None:
         super()._upgrade_state(state)
@@ -556,6 +585,10 @@ class SOAP(RefreshCounts, Optimizer):
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
             else:
                 axes = tuple(self._axes(state, len(shape)))
+            q_dtype = bases_dtype(hp["matmul_precision"], dtype)
+            if axes and not fresh and state[f"Q{axes[0]}"].dtype != q_dtype:
+                for k in axes:  # the precision changed since they were made: convert once
+                    state[f"Q{k}"] = state[f"Q{k}"].to(q_dtype)
             state["step"] += 1
             s = int(state["step"].item()) - 1  # the authors' step counter
             # parameters stepped together: same shapes and dtypes, and at the same step
@@ -564,8 +597,9 @@ class SOAP(RefreshCounts, Optimizer):
                 new.setdefault(key, []).append(p)
             keyed.setdefault((*key, s), []).append(p)
         for (p_shape, shape, axes, dtype, *_, device), params in new.items():
+            q_dtype = bases_dtype(hp["matmul_precision"], dtype)
             for chunk in _chunks(params, math.prod(p_shape)):
-                self._new_bucket(chunk, shape, axes, dtype, device)
+                self._new_bucket(chunk, shape, axes, dtype, device, q_dtype)
         # eigenproblems to solve in batch: (size, kind) -> [(bucket, axis)]
         requests: dict[tuple, list[tuple[_Bucket, int]]] = {}
         rotations: list[tuple[_Bucket, Tensor]] = []
@@ -664,8 +698,10 @@ class SOAP(RefreshCounts, Optimizer):
         axes: tuple[int, ...],
         dtype: torch.dtype,
         device: torch.device,
+        q_dtype: torch.dtype,
     ) -> None:
-        """Fresh state of same-shaped parameters, allocated as the stacks of one bucket."""
+        """Fresh state of same-shaped parameters, allocated as the stacks of one bucket (the
+        bases in ``q_dtype``, :func:`bases_dtype`)."""
         count = len(params)
         stacks = {
             "exp_avg": torch.zeros(count, *params[0].shape, dtype=dtype, device=device),
@@ -674,7 +710,7 @@ class SOAP(RefreshCounts, Optimizer):
         for k in axes:
             n = shape[k]
             stacks[f"GG{k}"] = torch.zeros(count, n, n, dtype=dtype, device=device)
-            eye = torch.eye(n, dtype=dtype, device=device)
+            eye = torch.eye(n, dtype=q_dtype, device=device)
             stacks[f"Q{k}"] = eye.expand(count, n, n).contiguous()
         for i, p in enumerate(params):
             state = self.state[p]
@@ -756,6 +792,7 @@ class SOAP(RefreshCounts, Optimizer):
         for (_, kind), entries in requests.items():
             stats = _concat([bucket.stacks[f"GG{k}"] for bucket, k in entries])
             bases = _concat([bucket.stacks[f"Q{k}"] for bucket, k in entries])
+            bases = bases.to(stats.dtype)  # bf16 bases: the refresh starts from fp32 copies
             q, order, ok = self.update_blocks(kind, stats, bases, precision, qr_method, qr_fp64)
             ok_list = ok.tolist()  # one host read per size
             start = 0

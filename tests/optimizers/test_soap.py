@@ -319,8 +319,8 @@ def test_bf16_products_take_bf16_operands(monkeypatch):
     """With matmul_precision="bf16" the regular step's products (statistics, into and out of
     the eigenbasis, the last one into the weights) and the first moment's rotation at a
     refresh have bf16 operands and the refresh's power iteration and QR none (TF32); the
-    state stays fp32; a parameter with no preconditioned axis keeps its fp32
-    gradient (no product); bf16 and TF32 trajectories differ."""
+    bases are kept as bf16, the rest of the state fp32; a parameter with no preconditioned
+    axis keeps its fp32 gradient (no product); bf16 and TF32 trajectories differ."""
     import optimkit.linalg as linalg
     import optimkit.optimizers.soap as soap
 
@@ -362,12 +362,10 @@ def test_bf16_products_take_bf16_operands(monkeypatch):
         (torch.bfloat16, torch.bfloat16, "product"),
         (torch.bfloat16, torch.bfloat16, "accumulate"),
     }
-    for p in params:
-        assert all(
-            t.dtype == torch.float32
-            for t in opt.state[p].values()
-            if torch.is_tensor(t) and t.is_floating_point()
-        )
+    for p in params:  # the bases bf16 (the operands they are), the rest of the state fp32
+        for key, t in opt.state[p].items():
+            if torch.is_tensor(t) and t.is_floating_point():
+                assert t.dtype == (torch.bfloat16 if key.startswith("Q") else torch.float32)
     monkeypatch.undo()
     _, tf32, _ = run(torch.float32, steps=4, hp={**hp, "matmul_precision": "tf32"})
     assert not all(torch.equal(a, b) for a, b in zip(params, tf32) if a.dim() >= 2)
@@ -780,3 +778,73 @@ def test_buckets_on_cuda_match_the_cpu(precision, tol):
         runs.append([p.detach().cpu() for p in ps])
     for a, b in zip(*runs):
         assert (a - b).norm() <= tol * a.norm()
+
+
+def test_bf16_bases_checkpoints_precision_switch_and_state_bytes():
+    """At matmul_precision="bf16" the bases are kept as bf16: a checkpoint loads back exactly
+    (bf16 bases, and the same next steps); a group switched to "tf32" mid-run converts its
+    bases to fp32 once and runs on; a checkpoint of an fp32 run loaded into a bf16 one keeps
+    the checkpoint's precision (its param groups' hyperparameters, as torch's); and
+    state_bytes_per_param counts the bases at 2 bytes, as allocated."""
+    import copy
+
+    hp = {"matmul_precision": "bf16", "precondition_frequency": 2}
+    shapes = [(6, 5), (4, 4, 3), (7,)]
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    a = [x.clone().requires_grad_() for x in init]
+    opt = SOAP(a, **hp)
+
+    def step(o, ps, t):
+        for p, g in zip(ps, grads_for(t, shapes, torch.float32)):
+            p.grad = g.clone()
+        o.step()
+
+    for t in range(1, 4):
+        step(opt, a, t)
+    assert opt.state[a[0]]["Q0"].dtype == torch.bfloat16
+    assert opt.state[a[0]]["GG0"].dtype == torch.float32
+    saved = copy.deepcopy(opt.state_dict())
+    b = [p.detach().clone().requires_grad_() for p in a]
+    loaded = SOAP(b, **hp)
+    loaded.load_state_dict(saved)
+    for p, q in zip(a, b):
+        for key, value in opt.state[p].items():
+            if torch.is_tensor(value):
+                assert loaded.state[q][key].dtype == value.dtype
+                assert torch.equal(loaded.state[q][key], value)
+    for t in range(4, 8):
+        step(opt, a, t)
+        step(loaded, b, t)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+    loaded.param_groups[0]["matmul_precision"] = "tf32"
+    step(loaded, b, 8)
+    assert loaded.state[b[0]]["Q0"].dtype == torch.float32
+    assert all(torch.isfinite(p).all() for p in b)
+
+    fp32 = SOAP([p.detach().clone().requires_grad_() for p in init], precondition_frequency=2)
+    step(fp32, fp32.param_groups[0]["params"], 1)
+    into_bf16 = SOAP([p.detach().clone().requires_grad_() for p in init], **hp)
+    into_bf16.load_state_dict(fp32.state_dict())
+    first = into_bf16.param_groups[0]["params"][0]
+    assert into_bf16.state[first]["Q0"].dtype == torch.float32
+
+    from optimkit.registry import REFERENCE_SHAPES
+
+    for extra in ({}, {"precondition_1d": True}):
+        ps = [torch.zeros(shape, requires_grad=True) for shape in REFERENCE_SHAPES]
+        counted = SOAP(ps, matmul_precision="bf16", **extra)
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        counted.step()
+        allocated = sum(
+            t.numel() * t.element_size()
+            for state in counted.state.values()
+            for key, t in state.items()
+            if torch.is_tensor(t) and key != "step"
+        )
+        assert allocated / sum(p.numel() for p in ps) == SOAP.state_bytes_per_param(
+            {"matmul_precision": "bf16", **extra}
+        )
+    assert SOAP.state_bytes_per_param({"matmul_precision": "bf16"}) < SOAP.state_bytes_per_param()
