@@ -424,8 +424,8 @@ class SOAP(RefreshCounts, Optimizer):
     ``"bf16"``: the regular step's products (the statistics, the rotations into and out of the
     eigenbasis, the last one into the weights) take bf16 operands with fp32 accumulation (on
     CUDA cuBLAS's bf16 tensor-core products, :func:`optimkit.linalg.half_matmul`; emulated
-    on the CPU): the gradient is read once into a bf16 stack, the bases are rounded to bf16
-    copies for the step, the Adam direction is written as bf16 and the intermediate products
+    on the CPU): the gradient is read once into a bf16 stack, the bases are bf16 (below),
+    the Adam direction is written as bf16 and the intermediate products
     are rounded to bf16 (bf16 keeps fp32's exponent range, so nothing is scaled; it keeps 8
     mantissa bits where TF32 keeps 10). The bases are kept as bf16 (:func:`bases_dtype`: the
     operands the products take, so no copy is made a step; 20.24 state bytes/param at the
