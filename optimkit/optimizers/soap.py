@@ -209,12 +209,10 @@ class _Bucket:
             and all(p.dtype == dtype and p.is_contiguous() for p in self.params)
         )
 
-    def bases(self, dtype: torch.dtype | None = None) -> dict[int, Tensor]:
-        """Each preconditioned axis' basis stack; as ``dtype`` where given (e.g. the bf16
-        operands of ``matmul_precision="bf16"``: a copy unless the bases are kept in it,
-        :func:`bases_dtype`)."""
-        stacks = {k: self.stacks[f"Q{k}"] for k in self.axes}
-        return stacks if dtype is None else {k: q.to(dtype) for k, q in stacks.items()}
+    def bases(self) -> dict[int, Tensor]:
+        """Each preconditioned axis' basis stack, in the dtype the products take
+        (:func:`bases_dtype`: bf16 at ``matmul_precision="bf16"``)."""
+        return {k: self.stacks[f"Q{k}"] for k in self.axes}
 
     def project_back_into_params(
         self,
@@ -222,7 +220,6 @@ class _Bucket:
         precision: str,
         step_size: float,
         decay: float,
-        bases: Mapping[int, Tensor] | None = None,
     ) -> None:
         r"""The update :math:`N` of :meth:`project` (back) applied to the members as
         :func:`_apply` does, :math:`W \leftarrow (1-\eta\lambda)(W - sN)`, with the last
@@ -231,8 +228,8 @@ class _Bucket:
         :math:`\alpha = -s\beta` (:func:`~optimkit.linalg.matmul_accumulate_`: on CUDA the
         GEMM's epilogue reads and writes :math:`W`, so :math:`N` is never stored and the
         weights take one pass instead of three; the same values up to rounding). One product
-        per member (the weights are separate tensors). ``bases``: as in :meth:`project`."""
-        bases = self.bases() if bases is None else bases
+        per member (the weights are separate tensors)."""
+        bases = self.bases()
         last = self.axes[-1]
         x = direction
         for k in self.axes[:-1]:
@@ -251,17 +248,14 @@ class _Bucket:
         x: Tensor,
         back: bool,
         precision: str,
-        bases: Mapping[int, Tensor] | None = None,
         out_dtype: torch.dtype | None = None,
     ) -> Tensor:
         """Each member's slice of ``x`` ``(members, *shape)`` into its eigenbasis
-        (:math:`Q_L^\top G Q_R`), or back (:math:`Q_L N Q_R^\top`). ``bases`` (default: the
-        state's, :meth:`bases`) may be bf16 copies, with ``x`` bf16: every product then has
-        bf16 operands and fp32 accumulation, the intermediate results rounded to bf16 and
-        the last one fp32, or ``out_dtype`` (bf16: the operand of a later product)."""
-        bases = self.bases() if bases is None else bases
-        for i, k in enumerate(self.axes):
-            q = bases[k]
+        (:math:`Q_L^\top G Q_R`), or back (:math:`Q_L N Q_R^\top`). With bf16 bases
+        (:func:`bases_dtype`) and ``x`` bf16 every product has bf16 operands and fp32
+        accumulation, the intermediate results rounded to bf16 and the last one fp32, or
+        ``out_dtype`` (bf16: the operand of a later product)."""
+        for i, (k, q) in enumerate(self.bases().items()):
             last = i == len(self.axes) - 1
             dtype = out_dtype if last else q.dtype
             x = mode_product(x, q.mT if back else q, k, precision, dtype)
@@ -609,13 +603,8 @@ class SOAP(RefreshCounts, Optimizer):
                 self._step_bucket(bucket, dtype, s, shampoo_beta, hp, requests, rotations)
         precision = refresh_precision(hp["matmul_precision"])
         self._refresh_bases(requests, precision, hp["qr_method"], hp["qr_fp64"])
-        for bucket, exp_avg_original in rotations:
-            if exp_avg_original.dtype == torch.bfloat16:  # matmul_precision="bf16"
-                bases = bucket.bases(torch.bfloat16)
-                rotated = bucket.project(exp_avg_original, False, "bf16", bases)
-            else:
-                rotated = bucket.project(exp_avg_original, False, precision)
-            bucket.exp_avg().copy_(rotated)
+        for bucket, exp_avg_original in rotations:  # bf16 at "bf16", with the bf16 bases
+            bucket.exp_avg().copy_(bucket.project(exp_avg_original, False, precision))
 
     def _step_bucket(
         self,
@@ -653,8 +642,7 @@ class SOAP(RefreshCounts, Optimizer):
                 requests.setdefault((bucket.shape[k], "eigh"), []).append((bucket, k))
             return
         exp_avg, exp_avg_sq = bucket.exp_avg(), bucket.exp_avg_sq()
-        bases = bucket.bases(torch.bfloat16 if half else None)
-        rotated = bucket.project(g, False, precision, bases)
+        rotated = bucket.project(g, False, precision)
         if half:
             out = torch.empty(rotated.shape, dtype=torch.bfloat16, device=rotated.device)
         else:
@@ -665,23 +653,22 @@ class SOAP(RefreshCounts, Optimizer):
             step_size = step_size * (1 - beta2**s) ** 0.5 / (1 - beta1**s)
         decay = hp["lr"] * hp["weight_decay"]
         if not hp["normalize_grads"] and bucket.update_in_last_product(dtype):
-            bucket.project_back_into_params(direction, precision, step_size, decay, bases)
+            bucket.project_back_into_params(direction, precision, step_size, decay)
         else:
-            norm_grad = bucket.project(direction, True, precision, bases)
+            norm_grad = bucket.project(direction, True, precision)
             if hp["normalize_grads"]:
                 rms = norm_grad.square().reshape(len(norm_grad), -1).mean(1).sqrt()
                 norm_grad = norm_grad / (1e-30 + rms).reshape(-1, *[1] * len(bucket.shape))
             _apply(bucket.params, norm_grad, step_size, decay)
         refresh = s % hp["precondition_frequency"] == 0 and bool(bucket.axes)
         if refresh:  # the first moment back from the old eigenbasis, into the new one later
-            if half:  # bf16 operands, as the regular step's rotations (the same bf16 bases)
-                exp_avg_back = bucket.project(
-                    exp_avg.to(torch.bfloat16), True, precision, bases, torch.bfloat16
-                )
+            if half:  # bf16 operands, as the regular step's rotations
+                moment = exp_avg.to(torch.bfloat16)
+                exp_avg_back = bucket.project(moment, True, precision, torch.bfloat16)
             else:
-                exp_avg_back = bucket.project(exp_avg, True, refresh_precision(precision))
+                exp_avg_back = bucket.project(exp_avg, True, precision)
             rotations.append((bucket, exp_avg_back))
-        del bases, direction
+        del direction
         # update_preconditioner: statistics, then (every f steps) a new basis
         for k in bucket.axes:
             accumulate_gram_(
