@@ -580,8 +580,8 @@ class SOAP(RefreshCounts, Optimizer):
             else:
                 axes = tuple(self._axes(state, len(shape)))
             q_dtype = bases_dtype(hp["matmul_precision"], dtype)
-            if axes and not fresh and state[f"Q{axes[0]}"].dtype != q_dtype:
-                for k in axes:  # the precision changed since they were made: convert once
+            for k in () if fresh else axes:  # made at another precision (or replaced): convert
+                if state[f"Q{k}"].dtype != q_dtype:
                     state[f"Q{k}"] = state[f"Q{k}"].to(q_dtype)
             state["step"] += 1
             s = int(state["step"].item()) - 1  # the authors' step counter

@@ -782,8 +782,9 @@ def test_buckets_on_cuda_match_the_cpu(precision, tol):
 
 def test_bf16_bases_checkpoints_precision_switch_and_state_bytes():
     """At matmul_precision="bf16" the bases are kept as bf16: a checkpoint loads back exactly
-    (bf16 bases, and the same next steps); a group switched to "tf32" mid-run converts its
-    bases to fp32 once and runs on; a checkpoint of an fp32 run loaded into a bf16 one keeps
+    (bf16 bases, and the same next steps); a basis replaced by an fp32 one is converted
+    back at the next step; a group switched to "tf32" mid-run converts its bases to fp32
+    once and runs on; a checkpoint of an fp32 run loaded into a bf16 one keeps
     the checkpoint's precision (its param groups' hyperparameters, as torch's); and
     state_bytes_per_param counts the bases at 2 bytes, as allocated."""
     import copy
@@ -818,8 +819,12 @@ def test_bf16_bases_checkpoints_precision_switch_and_state_bytes():
         step(loaded, b, t)
     assert all(torch.equal(p, q) for p, q in zip(a, b))
 
-    loaded.param_groups[0]["matmul_precision"] = "tf32"
+    loaded.state[b[1]]["Q2"] = loaded.state[b[1]]["Q2"].float()  # one basis replaced as fp32
     step(loaded, b, 8)
+    assert loaded.state[b[1]]["Q2"].dtype == torch.bfloat16
+
+    loaded.param_groups[0]["matmul_precision"] = "tf32"
+    step(loaded, b, 9)
     assert loaded.state[b[0]]["Q0"].dtype == torch.float32
     assert all(torch.isfinite(p).all() for p in b)
 
