@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import is_, itemgetter
 from typing import Any
 
@@ -95,8 +95,9 @@ class _MatrixBlocks:
     """The blocks of one matrix parameter whose dims split evenly into blocks (the usual case:
     2048 x 5504 in blocks of 128): its per-block statistics and roots, which stay separate
     state entries (``stat{b}_{i}``, ``root{b}_{i}``: checkpoints are unchanged), live as
-    views of four ``(blocks, n, n)`` stacks, so every block is updated and preconditioned by
-    one batched product instead of a Python loop over blocks."""
+    views of four ``(blocks, n, n)`` stacks (slices of a :class:`_BlockArena`'s), so that
+    every block is updated and preconditioned by batched products instead of a Python loop
+    over blocks."""
 
     grid: tuple[int, int]  # blocks along rows and columns
     size: tuple[int, int]  # rows and columns of a block
@@ -108,6 +109,10 @@ class _MatrixBlocks:
     def __post_init__(self) -> None:
         self._entries = itemgetter(*self.keys)
 
+    @property
+    def count(self) -> int:
+        return self.grid[0] * self.grid[1]
+
     def holds(self, state: Mapping[str, Any]) -> bool:
         """Whether every per-block entry of ``state`` is still this layout's view (none was
         replaced or removed): one pass over the keys in C, run every step."""
@@ -117,14 +122,51 @@ class _MatrixBlocks:
             return False
         return all(map(is_, entries, self.views))
 
-    def split(self, matrix: Tensor) -> Tensor:
-        """``(m, n)`` -> ``(blocks, rows, cols)`` in ``block_slices`` order (row-major)."""
+    def block_view(self, blocks: Tensor) -> Tensor:
+        """``(blocks, rows, cols)`` in ``block_slices`` order -> a ``(r, rows, c, cols)`` view
+        of the same memory, indexed as the matrix reshaped to ``(r, rows, c, cols)``."""
         (r, c), (bm, bn) = self.grid, self.size
-        return matrix.reshape(r, bm, c, bn).permute(0, 2, 1, 3).reshape(r * c, bm, bn)
+        return blocks.view(r, c, bm, bn).transpose(1, 2)
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int, int]:
+        """``(r, rows, c, cols)``: the matrix indexed by block row, row, block column,
+        column (a contiguous tensor of the parameter's size views as it)."""
+        (r, c), (bm, bn) = self.grid, self.size
+        return (r, bm, c, bn)
 
     def join(self, blocks: Tensor) -> Tensor:
+        """``(blocks, rows, cols)`` -> the ``(m, n)`` matrix (a copy)."""
         (r, c), (bm, bn) = self.grid, self.size
-        return blocks.reshape(r, c, bm, bn).permute(0, 2, 1, 3).reshape(r * bm, c * bn)
+        return self.block_view(blocks).reshape(r * bm, c * bn)
+
+
+@dataclass
+class _BlockArena:
+    """Every evenly split matrix of a parameter group whose blocks share one size, dtype and
+    device, stacked: the statistics and roots of all their blocks are four ``(blocks, n,
+    n)`` tensors (each member's :class:`_MatrixBlocks` holds slices of them), so that a step
+    updates and preconditions them by a few batched products over runs of members
+    (:data:`BATCH_BLOCKS` blocks at most) instead of several launches per parameter, and a
+    refresh computes their roots from the stacks themselves, without concatenating them.
+    The members' order is the group's."""
+
+    params: tuple[Tensor, ...]
+    members: list[_MatrixBlocks]
+    offsets: tuple[int, ...]  # each member's first block
+    stats: tuple[Tensor, Tensor]
+    roots: tuple[Tensor, Tensor]
+
+    def span(self, first: int, end: int) -> slice:
+        """The blocks of members ``first .. end - 1``."""
+        last = self.members[end - 1]
+        return slice(self.offsets[first], self.offsets[end - 1] + last.count)
+
+
+BATCH_BLOCKS = 4096
+"""Most blocks in one batched product of a :class:`_BlockArena` (unless a single matrix has
+more): bounds the step's temporaries (two of this many blocks) while keeping launches few
+(0.6 B transformer-shaped list, blocks of 128: 37,056 blocks, 10 runs)."""
 
 
 def _even_grid(work: tuple[int, ...], block_size: int) -> tuple[tuple, tuple] | None:
@@ -218,10 +260,16 @@ class Shampoo(RefreshCounts, Optimizer):
     :math:`4\,(N(1 + [\text{graft has state}]) + \sum_{blocks,i} 2 n_i^2)/N`; reported at the
     reference shapes [64x48, 48]: 20.41 for the defaults.
 
-    Speed: a matrix whose dims split evenly into blocks (e.g. 2048 x 5504 in blocks of 128)
-    keeps its per-block statistics and roots as views of stacked tensors and is updated and
-    preconditioned by batched products, the roots of every same-sized block of the group are
-    computed in one batched call; other tensors take a loop over their blocks. On a GPU,
+    Speed: the matrices of a group whose dims split evenly into blocks of one size (e.g.
+    2048 x 2048 and 2048 x 5504 in blocks of 128) keep their per-block statistics and roots
+    as views of one set of stacked tensors (an arena), so that a step cuts the gradients into
+    blocks, updates the statistics and preconditions them by a few batched products over runs
+    of parameters (:data:`BATCH_BLOCKS` blocks at most, which bounds the temporaries) instead
+    of several launches per parameter, and a refresh computes the roots from the stacks
+    themselves; the preconditioned blocks are not copied back into matrices (the momentum and
+    the weights are viewed in the blocks' indexing). Other tensors take a loop over their
+    blocks, the roots of every same-sized block among them computed in one batched call. On a
+    GPU,
     ``root_method="newton"`` (the authors' iteration: batched matrix products) is far faster
     than ``"eigh"`` (torch's batched ``eigh`` of 128 x 128 matrices runs one matrix at a time).
     The elementwise rest of the step (grafting, weight decay, momentum, the update) runs as
@@ -336,8 +384,7 @@ class Shampoo(RefreshCounts, Optimizer):
 
     def _step_group(self, group: dict[str, Any]) -> None:
         hp = self.group_hyperparams(group)
-        items = []
-        requests: dict[tuple, list[tuple[dict, str, str]]] = {}
+        items: list[_Pending] = []
         for p in group["params"]:
             grad = p.grad
             if grad is None:
@@ -357,38 +404,58 @@ class Shampoo(RefreshCounts, Optimizer):
             elif hp["graft"] == "adam":
                 beta = hp["graft_beta2"]
                 state["graft_exp_avg_sq"].mul_(beta).addcmul_(grad, grad, value=1 - beta)
-            packed = self._packed(p, state, work, hp) if len(work) >= 2 else None
-            if packed is None and len(work) >= 2:
-                blocks = block_slices(work, hp["block_size"])
-            else:
-                blocks = []  # no blocks, or all of them at once (packed)
-            shaped = grad.reshape(work)
-            exponent = hp["inverse_exponent_override"] or 2 * len(work)
-            refresh = t % hp["preconditioning_compute_steps"] == 0
-            split = None
-            if packed is not None:  # every block at once
-                split = packed.split(shaped)  # a copy, shared with the preconditioning
-                self.update_block_statistics_batched(packed, split, hp["beta2"])
-                if refresh:
-                    for i in range(2):
-                        key = (packed.size[i], exponent)
-                        requests.setdefault(key, []).append(
-                            (state, packed.stats[i], _write_roots(packed.roots[i]))
-                        )
-            for b, index in enumerate(blocks):
-                stats = [state[f"stat{b}_{i}"] for i in range(len(work))]
-                self.update_block_statistics(shaped[index], stats, hp["beta2"])
-                if refresh:
-                    for i, s in enumerate(index):
-                        key = (s.stop - s.start, exponent)
-                        requests.setdefault(key, []).append(
-                            (
-                                state,
-                                state[f"stat{b}_{i}"][None],
-                                _write_roots(state[f"root{b}_{i}"][None]),
-                            )
-                        )
-            items.append((p, grad, state, t, work, blocks, packed, split))
+            items.append(_Pending(p, grad, state, t, work))
+        if not items:
+            return
+        members = {
+            id(p): (arena, k)
+            for arena in self._arenas(group, hp)
+            for k, p in enumerate(arena.params)
+        }
+        requests: dict[tuple, list[tuple[dict, Tensor, Callable]]] = {}
+        present: dict[int, tuple[_BlockArena, list[tuple[int, _Pending]]]] = {}
+        for item in items:
+            found = members.get(id(item.param))
+            if found is not None:
+                arena, k = found
+                present.setdefault(id(arena), (arena, []))[1].append((k, item))
+            elif len(item.work) >= 2:
+                self._loop_statistics(item, hp, requests)
+        runs = [
+            run
+            for arena, entries in present.values()
+            for run in self._arena_statistics(arena, entries, hp)
+        ]
+        self._refresh_roots(requests, hp)
+        for arena, entries in present.values():
+            self._refresh_arena_roots(arena, entries, hp)
+        for arena, first, end, blocks, entries in runs:
+            if any(item.step >= hp["start_preconditioning_step"] for _, item in entries):
+                span = arena.span(first, end)
+                left, right = arena.roots[0][span], arena.roots[1][span]
+                torch.bmm(torch.bmm(left.transpose(1, 2), blocks), right, out=blocks)
+        self._apply(items, hp)
+
+    def _loop_statistics(self, item: _Pending, hp: Mapping, requests: dict) -> None:
+        """Statistics of a tensor outside every :class:`_BlockArena` (blocks of several sizes,
+        or of rank above 2), block by block, and its root requests when it refreshes."""
+        item.blocks = block_slices(item.work, hp["block_size"])
+        shaped = item.grad.reshape(item.work)
+        exponent = hp["inverse_exponent_override"] or 2 * len(item.work)
+        refresh = item.step % hp["preconditioning_compute_steps"] == 0
+        state = item.state
+        for b, index in enumerate(item.blocks):
+            stats = [state[f"stat{b}_{i}"] for i in range(len(item.work))]
+            self.update_block_statistics(shaped[index], stats, hp["beta2"])
+            if refresh:
+                for i, s in enumerate(index):
+                    requests.setdefault((s.stop - s.start, exponent), []).append(
+                        (state, stats[i][None], _write_roots(state[f"root{b}_{i}"][None]))
+                    )
+
+    def _refresh_roots(self, requests: dict, hp: Mapping) -> None:
+        """The roots of the loop-path blocks that refresh, every same-sized one of the group in
+        one batched call; a failed root keeps its previous value."""
         for (_, exponent), entries in requests.items():
             stack = torch.cat([stats for _, stats, _ in entries])
             roots, ok = self.compute_block_roots(stack, exponent, hp)
@@ -400,129 +467,239 @@ class Shampoo(RefreshCounts, Optimizer):
                 failed.append(count - good.sum())
                 start += count
             for (state, _, _), failures in zip(entries, torch.stack(failed).tolist()):
-                for _ in range(int(failures)):  # one read-back per block size
-                    self._record_failure(state)
-        self._apply(items, hp)
+                self._record_failure(state, int(failures))  # one read-back per block size
+
+    def _arena_statistics(
+        self, arena: _BlockArena, entries: list[tuple[int, _Pending]], hp: Mapping
+    ) -> list[tuple[_BlockArena, int, int, Tensor, list[tuple[int, _Pending]]]]:
+        """The gradients of the arena's members that have one, cut into blocks (one copy into
+        a buffer per run of consecutive members, :data:`BATCH_BLOCKS` blocks at most) and
+        their statistics updated by two batched products a run. Returns the runs ``(arena,
+        first, end, blocks, entries)``; ``blocks`` later holds the preconditioned blocks
+        (and each member's ``item.direction_blocks`` its slice of them)."""
+        runs, current = [], []
+        for k, item in entries:
+            if current and (
+                k != current[-1][0] + 1
+                or arena.span(current[0][0], k + 1).stop - arena.offsets[current[0][0]]
+                > BATCH_BLOCKS
+            ):
+                runs.append(current)
+                current = []
+            current.append((k, item))
+        runs.append(current)
+        out = []
+        for run in runs:
+            first, end = run[0][0], run[-1][0] + 1
+            span = arena.span(first, end)
+            bm, bn = arena.members[first].size
+            blocks = arena.stats[0].new_empty((span.stop - span.start, bm, bn))
+            targets, sources = [], []
+            for k, item in run:
+                member, start = arena.members[k], arena.offsets[k] - span.start
+                item.member = member
+                item.direction_blocks = blocks[start : start + member.count]
+                targets.append(member.block_view(item.direction_blocks))
+                sources.append(item.grad.reshape(member.grid_shape))
+            torch._foreach_copy_(targets, sources)
+            self.update_block_statistics_batched(
+                (arena.stats[0][span], arena.stats[1][span]), blocks, hp["beta2"]
+            )
+            out.append((arena, first, end, blocks, run))
+        return out
+
+    def _refresh_arena_roots(
+        self, arena: _BlockArena, entries: list[tuple[int, _Pending]], hp: Mapping
+    ) -> None:
+        """The roots of the arena's members that refresh this step, one batched call per run
+        of consecutive members and axis, computed from and written into the stacks (no
+        copy of them); a failed root keeps its previous value."""
+        due = [
+            (k, item) for k, item in entries if item.step % hp["preconditioning_compute_steps"] == 0
+        ]
+        exponent = hp["inverse_exponent_override"] or 4
+        runs: list[list[tuple[int, _Pending]]] = []
+        for k, item in due:
+            if runs and runs[-1][-1][0] == k - 1:
+                runs[-1].append((k, item))
+            else:
+                runs.append([(k, item)])
+        for run in runs:
+            span = arena.span(run[0][0], run[-1][0] + 1)
+            counts = [arena.members[k].count for k, _ in run]
+            failed = []
+            for i in range(2):
+                roots, ok = self.compute_block_roots(arena.stats[i][span], exponent, hp)
+                _write_roots(arena.roots[i][span])(roots, ok)
+                failed.append(torch.stack([(~good).sum() for good in ok.split(counts)]))
+            for (_, item), failures in zip(run, sum(failed).tolist()):  # one read-back
+                self._record_failure(item.state, int(failures))
 
     def update_block_statistics_batched(
-        self, packed: _MatrixBlocks, blocks: Tensor, beta2: float
+        self, stats: tuple[Tensor, Tensor], blocks: Tensor, beta2: float
     ) -> None:
-        """:meth:`update_block_statistics` for every block of a matrix at once (batched
-        ``G G^T`` and ``G^T G``)."""
+        """:meth:`update_block_statistics` for a stack of blocks at once (batched ``G G^T``
+        into ``stats[0]`` and ``G^T G`` into ``stats[1]``)."""
         weight, precision = _statistics_weight(beta2), _global_precision()
         transposed = blocks.transpose(1, 2)
-        matmul_accumulate_(packed.stats[0], blocks, transposed, beta2, weight, precision)
-        matmul_accumulate_(packed.stats[1], transposed, blocks, beta2, weight, precision)
+        matmul_accumulate_(stats[0], blocks, transposed, beta2, weight, precision)
+        matmul_accumulate_(stats[1], transposed, blocks, beta2, weight, precision)
 
-    def _packed(
-        self, p: Tensor, state: dict, work: tuple[int, ...], hp: Mapping
-    ) -> _MatrixBlocks | None:
-        """The stacked layout of ``p``'s blocks (built, or rebuilt from the per-block entries
-        when one of them was replaced, e.g. by a loaded checkpoint), or None when the blocks
-        are not all of one size."""
-        layout = _even_grid(work, hp["block_size"])
-        if layout is None:
-            return None
-        grid, size = layout
-        count = grid[0] * grid[1]
-        cache = self.__dict__.setdefault("_shampoo_blocks", {})
-        packed = cache.get(id(p))
-        if (
-            packed is not None
-            and (packed.grid, packed.size) == (grid, size)
-            and packed.holds(state)
-        ):
-            return packed
-        keys = [
-            f"{kind}{b}_{i}" for kind in ("stat", "root") for i in range(2) for b in range(count)
-        ]
-        stacks = [
-            torch.stack([state[f"{kind}{b}_{i}"] for b in range(count)])
+    def _arenas(self, group: dict[str, Any], hp: Mapping) -> list[_BlockArena]:
+        """The group's :class:`_BlockArena` s (one per block size, dtype and device of its
+        evenly split matrices that have state), built on first use or when the members
+        change, and checked every step: a member whose per-block entry was replaced (e.g. by
+        a loaded checkpoint) has its entries copied into the stacks and viewed again."""
+        kinds: dict[tuple, list[tuple[Tensor, tuple, tuple]]] = {}
+        for p in group["params"]:
+            state = self.state.get(p)
+            if not state or "momentum" not in state:
+                continue
+            layout = _even_grid(self.interpreted_shape(tuple(p.shape), hp), hp["block_size"])
+            if layout is not None:
+                kind = (layout[1], state["momentum"].dtype, p.device)
+                kinds.setdefault(kind, []).append((p, *layout))
+        cache = self.__dict__.setdefault("_shampoo_arenas", {})
+        live = {id(g) for g in self.param_groups}
+        for key in [
+            k for k in cache if k[0] not in live or (k[0] == id(group) and k[1] not in kinds)
+        ]:
+            del cache[key]  # a replaced group's or a vanished kind's stacks are not kept alive
+        arenas = []
+        for kind, entries in kinds.items():
+            params = tuple(p for p, _, _ in entries)
+            arena = cache.get((id(group), kind))
+            if (
+                arena is None
+                or len(arena.params) != len(params)
+                or not all(map(is_, arena.params, params))
+            ):
+                arena = cache[(id(group), kind)] = self._build_arena(entries)
+            else:
+                for k, p in enumerate(params):
+                    if not arena.members[k].holds(self.state[p]):
+                        _restack(arena, k, self.state[p])
+            arenas.append(arena)
+        return arenas
+
+    def _build_arena(self, entries: list[tuple[Tensor, tuple, tuple]]) -> _BlockArena:
+        """Stack the per-block entries of ``entries`` (params with their block grid and size)
+        and replace every entry by its view."""
+        counts = [grid[0] * grid[1] for _, grid, _ in entries]
+        offsets = tuple(itertools.accumulate([0, *counts[:-1]]))
+        like = self.state[entries[0][0]]["momentum"]
+        size = entries[0][2]
+        stacks = {
+            (kind, i): like.new_empty((sum(counts), size[i], size[i]))
             for kind in ("stat", "root")
             for i in range(2)
-        ]
-        views = []
-        for stack, kind, i in zip(stacks, ("stat", "stat", "root", "root"), (0, 1, 0, 1)):
-            for b in range(count):
-                view = stack[b]
-                state[f"{kind}{b}_{i}"] = view
-                views.append(view)
-        # order the views as ``keys`` does (stat i=0, stat i=1, root i=0, root i=1)
-        stats, roots = (stacks[0], stacks[1]), (stacks[2], stacks[3])
-        packed = _MatrixBlocks(grid, size, stats, roots, tuple(views), tuple(keys))
-        cache[id(p)] = packed
-        return packed
+        }
+        members = []
+        for (p, grid, _), offset, count in zip(entries, offsets, counts):
+            state, span = self.state[p], slice(offset, offset + count)
+            keys = [f"{kind}{b}_{i}" for kind, i in stacks for b in range(count)]
+            for (kind, i), stack in stacks.items():
+                stack[span] = torch.stack([state[f"{kind}{b}_{i}"] for b in range(count)])
+            views = [stack[offset + b] for stack in stacks.values() for b in range(count)]
+            state.update(zip(keys, views))
+            members.append(
+                _MatrixBlocks(
+                    grid,
+                    size,
+                    (stacks["stat", 0][span], stacks["stat", 1][span]),
+                    (stacks["root", 0][span], stacks["root", 1][span]),
+                    tuple(views),
+                    tuple(keys),
+                )
+            )
+        return _BlockArena(
+            tuple(p for p, _, _ in entries),
+            members,
+            offsets,
+            (stacks["stat", 0], stacks["stat", 1]),
+            (stacks["root", 0], stacks["root", 1]),
+        )
 
-    def _record_failure(self, state: dict) -> None:
-        state["root_failures"] = state.get("root_failures", 0) + 1
+    def _record_failure(self, state: dict, count: int = 1) -> None:
+        if count <= 0:
+            return
+        state["root_failures"] = state.get("root_failures", 0) + count
         if not getattr(self, "_warned_root_failure", False):
             self._warned_root_failure = True
             warnings.warn(
                 "Shampoo: an inverse root failed or was not finite; the previous root is kept "
                 "(counted in state['root_failures'])",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
 
-    def _graft_directions(self, items: list[tuple], hp: Mapping) -> list[Tensor]:
+    def _graft_directions(self, items: list[_Pending], hp: Mapping) -> list[Tensor]:
         """The diagonal method's direction :math:`D` of every parameter (``grad`` itself for
         SGD grafting), by multi-tensor ops over the group."""
-        grads = [item[1] for item in items]
+        grads = [item.grad for item in items]
         if hp["graft"] == "adagrad":
-            sums = [item[2]["graft_sum_sq"] for item in items]
+            sums = [item.state["graft_sum_sq"] for item in items]
             denominators = torch._foreach_sqrt(sums)
         elif hp["graft"] == "adam":
-            corrections = [1 - hp["graft_beta2"] ** item[3] for item in items]
-            moments = [item[2]["graft_exp_avg_sq"] for item in items]
+            corrections = [1 - hp["graft_beta2"] ** item.step for item in items]
+            moments = [item.state["graft_exp_avg_sq"] for item in items]
             denominators = torch._foreach_sqrt(torch._foreach_div(moments, corrections))
         else:
             return grads
         torch._foreach_add_(denominators, hp["diagonal_eps"])
         return torch._foreach_div(grads, denominators)
 
-    def _precondition(self, grad, state, work, blocks, packed, split) -> Tensor:
-        """Shampoo's direction :math:`\tilde G` of one parameter (a new tensor)."""
-        if packed is not None:  # L^T G R for every block at once (precondition_block)
-            left, right = packed.roots
-            out = left.transpose(1, 2) @ split @ right
-            return packed.join(out).reshape(grad.shape)
-        if blocks:
-            shaped = grad.reshape(work)
+    def _precondition(self, item: _Pending) -> Tensor:
+        r"""Shampoo's direction :math:`\tilde G` of a tensor outside every arena (a new
+        tensor): block by block, or the gradient itself below rank 2."""
+        if item.blocks:
+            shaped = item.grad.reshape(item.work)
             direction = torch.empty_like(shaped)
-            for b, index in enumerate(blocks):
-                roots = [state[f"root{b}_{i}"] for i in range(len(work))]
+            for b, index in enumerate(item.blocks):
+                roots = [item.state[f"root{b}_{i}"] for i in range(len(item.work))]
                 direction[index] = precondition_block(shaped[index], roots)
-            return direction.reshape(grad.shape)
-        return grad.clone()
+            return direction.reshape(item.grad.shape)
+        return item.grad.clone()
 
-    def _apply(self, items: list[tuple], hp: Mapping) -> None:
-        """Grafting, weight decay, momentum and the update for every parameter of the group:
-        the preconditioning per parameter, the elementwise rest by multi-tensor ops (a few
-        launches for the whole group instead of a dozen per parameter)."""
-        if not items:
-            return
+    def _apply(self, items: list[_Pending], hp: Mapping) -> None:
+        """Grafting, weight decay, momentum and the update for every parameter of the group
+        by multi-tensor ops (a few launches for the whole group instead of a dozen per
+        parameter). An arena member's direction stays in its block buffer: the parameter
+        and the momentum are viewed in the blocks' ``(r, rows, c, cols)`` indexing instead
+        of the blocks being copied back into a matrix."""
         grafts = self._graft_directions(items, hp)
-        directions, scaled, graft_of_scaled = [], [], []
-        for (_, grad, state, t, work, blocks, packed, split), graft in zip(items, grafts):
-            if t >= hp["start_preconditioning_step"]:
-                direction = self._precondition(grad, state, work, blocks, packed, split)
+        params, momenta, directions = [], [], []
+        scaled, norm_of, graft_of_scaled = [], [], []
+        for item, graft in zip(items, grafts):
+            param, momentum = item.param, item.state["momentum"]
+            if item.step >= hp["start_preconditioning_step"]:
+                if item.direction_blocks is not None:
+                    member, flat = item.member, item.direction_blocks
+                    if param.is_contiguous() and momentum.is_contiguous():
+                        direction = member.block_view(flat)
+                        param = param.view(member.grid_shape)
+                        momentum = momentum.view(member.grid_shape)
+                    else:
+                        direction = member.join(flat).reshape(item.grad.shape)
+                else:
+                    direction = flat = self._precondition(item)
                 if hp["graft"] != "none":
                     scaled.append(direction)
+                    norm_of.append(flat)
                     graft_of_scaled.append(graft)
             else:
-                direction = graft.clone() if graft is grad else graft
+                direction = graft.clone() if graft is item.grad else graft
+            params.append(param)
+            momenta.append(momentum)
             directions.append(direction)
         if scaled:  # d = G~ |D| / (|G~| + 1e-16)
             graft_norms = torch.stack(torch._foreach_norm(graft_of_scaled))
-            norms = torch.stack(torch._foreach_norm(scaled))
+            norms = torch.stack(torch._foreach_norm(norm_of))
             scales = graft_norms / (norms + 1e-16)
-            for direction, scale in zip(scaled, scales.unbind()):
-                direction.mul_(scale)
-        params = [item[0] for item in items]
+            torch._foreach_mul_(scaled, list(scales.unbind()))
         if hp["weight_decay"] != 0.0:
             weights = [p.to(d.dtype) for p, d in zip(params, directions)]
             torch._foreach_add_(directions, weights, alpha=hp["weight_decay"])
-        momenta = [item[2]["momentum"] for item in items]
         torch._foreach_mul_(momenta, hp["momentum"])
         torch._foreach_add_(momenta, directions)
         if hp["nesterov"]:
@@ -538,6 +715,38 @@ class Shampoo(RefreshCounts, Optimizer):
         for p, update in zip(params, updates):  # bf16/fp16 weights, fp32 state
             if p.dtype != update.dtype:
                 apply_update(p, update, hp["lr"])
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One parameter's work in a step: its gradient (in the state's dtype), state, step
+    count and interpreted shape; the loop path's block slices, or its arena member and the
+    member's slice of the run's block buffer (its preconditioned blocks once they are
+    computed)."""
+
+    param: Tensor
+    grad: Tensor
+    state: dict[str, Any]
+    step: int
+    work: tuple[int, ...]
+    blocks: list[tuple[slice, ...]] = field(default_factory=list)
+    member: _MatrixBlocks | None = None
+    direction_blocks: Tensor | None = None
+
+
+def _restack(arena: _BlockArena, k: int, state: dict[str, Any]) -> None:
+    """Copy member ``k``'s per-block entries of ``state`` into the arena's stacks (one of them
+    was replaced from outside) and view them there again."""
+    member = arena.members[k]
+    stacks = (*member.stats, *member.roots)
+    per_stack = member.count
+    fresh = [
+        torch.stack([state[key] for key in member.keys[j * per_stack : (j + 1) * per_stack]])
+        for j in range(len(stacks))
+    ]
+    for stack, values in zip(stacks, fresh):
+        stack.copy_(values)
+    state.update(zip(member.keys, member.views))
 
 
 def _write_roots(target: Tensor) -> Callable[[Tensor, Tensor], None]:

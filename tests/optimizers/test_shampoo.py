@@ -324,7 +324,7 @@ def test_evenly_split_matrices_are_batched_and_resume_from_checkpoints():
     opt = Shampoo([w], lr=0.05, block_size=4, graft="adagrad")
     twin_w = w.detach().clone().requires_grad_()
     looped = Shampoo([twin_w], lr=0.05, block_size=4, graft="adagrad")
-    looped._packed = lambda *args: None  # the per-block loop, for comparison
+    looped._arenas = lambda *args: []  # the per-block loop, for comparison
     for t in range(3):
         g = grads_for(t, [(8, 12)], torch.float64)[0]
         w.grad, twin_w.grad = g.clone(), g.clone()
@@ -367,7 +367,7 @@ def test_a_block_entry_replaced_from_outside_is_used():
     looped = Shampoo(
         [twin_w], lr=0.05, block_size=4, graft="adagrad", preconditioning_compute_steps=3
     )
-    looped._packed = lambda *args: None
+    looped._arenas = lambda *args: []
     for t in range(4):
         if t == 2:
             for o, p in ((opt, w), (looped, twin_w)):
@@ -381,3 +381,109 @@ def test_a_block_entry_replaced_from_outside_is_used():
     state = opt.state[w]
     storages = {state[f"root{b}_1"].untyped_storage().data_ptr() for b in range(6)}
     assert len(storages) == 1  # stacked again, the replaced entry included
+
+
+@pytest.mark.parametrize(
+    "hp",
+    [
+        {"graft": "adagrad", "preconditioning_compute_steps": 2, "beta2": 0.95},
+        {"graft": "sgd", "nesterov": False, "weight_decay": 0.1, "start_preconditioning_step": 3},
+        {"graft": "adam", "preconditioning_compute_steps": 3, "root_method": "newton"},
+    ],
+)
+def test_matrices_of_a_group_share_one_arena_and_match_the_loop(monkeypatch, hp):
+    """Every evenly split matrix of a group with blocks of one size, dtype and device keeps its
+    statistics and roots in one set of stacks (an arena), processed in runs of at most
+    BATCH_BLOCKS blocks; the trajectory is the per-block loop's, also with a parameter that
+    has no gradient on some steps (a run breaks around it), a non-contiguous parameter
+    (updated through a copy of its blocks), a bf16 parameter (its own arena: fp32 state
+    for bf16 weights, its own dtype key), blocks of another size and a tensor on the loop
+    path (a 3-D one)."""
+    from optimkit.optimizers import shampoo
+
+    monkeypatch.setattr(shampoo, "BATCH_BLOCKS", 12)  # several runs, a gap inside one
+    shapes = [(8, 12), (12, 8), (4, 4), (8, 12), (3, 8), (16, 4), (4, 4, 4), (5,)]
+    gen = torch.Generator().manual_seed(5)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    init.append(torch.randn(8, 4, generator=gen).to(torch.bfloat16))
+
+    def params():
+        ps = [x.clone().requires_grad_() for x in init]
+        ps[1] = init[1].t().contiguous().t().requires_grad_()  # non-contiguous (12, 8)
+        return ps
+
+    a, b = params(), params()
+    assert not a[1].is_contiguous()
+    opt = Shampoo(a, lr=0.05, block_size=4, best_effort_shape_interpretation=False, **hp)
+    looped = Shampoo(b, lr=0.05, block_size=4, best_effort_shape_interpretation=False, **hp)
+    looped._arenas = lambda *args: []
+    for t in range(7):
+        grads = grads_for(t, shapes + [(8, 4)], torch.float64)
+        for ps in (a, b):
+            for i, (p, g) in enumerate(zip(ps, grads)):
+                p.grad = None if (i == 3 and t in (2, 3)) else g.to(p.dtype)
+        opt.step()
+        looped.step()
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+            for key in ("stat0_0", "stat0_1", "root0_1"):
+                if key in opt.state[x]:
+                    torch.testing.assert_close(opt.state[x][key], looped.state[y][key])
+    arenas = opt._shampoo_arenas
+    assert len(arenas) == 3  # 4 x 4 fp64 blocks, 3 x 4 ones, 4 x 4 fp32 ones (bf16 weights)
+    one = {opt.state[p]["stat0_0"].untyped_storage().data_ptr() for p in (a[0], a[1], a[3])}
+    assert len(one) == 1  # three matrices, one stack
+
+
+def test_arena_is_rebuilt_for_new_members_and_loaded_checkpoints_free_old_stacks():
+    """A matrix whose state appears later (its first gradient) joins the arena; a loaded
+    checkpoint's entries are copied into the stacks; the arena cache never keeps stacks
+    that no state entry views (a replaced param group)."""
+    import copy
+
+    shapes = [(8, 8), (8, 4)]
+    ps = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    opt = Shampoo(ps, lr=0.05, block_size=4)
+    for t in range(4):
+        grads = grads_for(t, shapes, torch.float64)
+        ps[0].grad, ps[1].grad = grads[0], (grads[1] if t >= 2 else None)
+        opt.step()
+    (arena,) = opt._shampoo_arenas.values()
+    assert len(arena.params) == 2 and arena.stats[0].size(0) == 4 + 2
+    saved = copy.deepcopy(opt.state_dict())
+    twin = [p.detach().clone().requires_grad_() for p in ps]
+    other = Shampoo(twin, lr=0.05, block_size=4)
+    other.load_state_dict(saved)
+    opt.load_state_dict(saved)
+    for t in range(4, 6):
+        grads = grads_for(t, shapes, torch.float64)
+        for o, group in ((opt, ps), (other, twin)):
+            group[0].grad, group[1].grad = grads[0].clone(), grads[1].clone()
+            o.step()
+        for x, y in zip(ps, twin):
+            assert torch.equal(x, y)
+    assert len(opt._shampoo_arenas) == 1  # the old group's arena was dropped
+    (arena,) = opt._shampoo_arenas.values()
+    assert opt.state[ps[1]]["root1_0"].untyped_storage().data_ptr() == (
+        arena.roots[0].untyped_storage().data_ptr()
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_arena_on_cuda_matches_the_cpu():
+    """The arena's batched products, foreach copies and strided multi-tensor tail on the GPU
+    follow the CPU's trajectory (fp32 products, TF32 off), refreshes included."""
+    shapes = [(16, 24), (24, 16), (16, 24), (8, 8), (6,)]
+    gen = torch.Generator().manual_seed(6)
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    runs = []
+    for device in ("cpu", "cuda"):
+        ps = [x.to(device).requires_grad_() for x in init]
+        opt = Shampoo(ps, lr=0.05, block_size=8, preconditioning_compute_steps=2)
+        for t in range(6):
+            for p, g in zip(ps, grads_for(t, shapes, torch.float32)):
+                p.grad = g.to(device)
+            opt.step()
+        runs.append([p.detach().cpu() for p in ps])
+    for a, b in zip(*runs):
+        assert (a - b).norm() <= 1e-4 * a.norm()
