@@ -266,9 +266,6 @@ class CurvatureOptimizer(Optimizer):
         """Detach the optimizer's hooks from the model."""
         self._capture.remove()
 
-    def _group_of(self) -> dict[int, dict[str, Any]]:
-        return {id(p): group for group in self.param_groups for p in group["params"]}
-
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)

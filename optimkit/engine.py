@@ -733,6 +733,19 @@ class Optimizer(torch.optim.Optimizer):
             self._step_group(group)
         return loss
 
+    def param_group_index(self) -> dict[int, dict[str, Any]]:
+        """``id(param) -> the param group holding it``, for every parameter of the optimizer:
+        built once and rebuilt only when the groups or their ``params`` lists change (a new
+        group, a loaded checkpoint's groups, a list of another length), so looking a
+        parameter's group up is O(1) instead of a scan over every group's parameters."""
+        signature = tuple((id(g), id(g["params"]), len(g["params"])) for g in self.param_groups)
+        cached = self.__dict__.get("_param_group_index")
+        if cached is None or cached[0] != signature:
+            # the cache holds the groups it was built from, so their ids are not reused
+            index = {id(p): g for g in self.param_groups for p in g["params"]}
+            cached = self.__dict__["_param_group_index"] = (signature, index)
+        return cached[1]
+
     def group_hyperparams(self, group: Mapping[str, Any]) -> dict[str, Any]:
         """The group's hyperparameters as Python values (a tensor ``lr`` becomes a float)."""
         hp = {key: group[key] for key in self.hyperparams}

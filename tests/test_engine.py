@@ -433,3 +433,19 @@ def test_kahan_is_validated():
         optimkit.AdamW(p, kahan=1)
     with pytest.raises(TypeError, match="kahan"):
         optimkit.SOAP(p, kahan=True)
+
+
+def test_param_group_index_follows_the_groups():
+    """``param_group_index`` maps every parameter to its group, and is rebuilt when a group
+    is added or a checkpoint's groups replace the old ones (not served stale)."""
+    a, b, c = (torch.zeros(2, requires_grad=True) for _ in range(3))
+    opt = optimkit.create("AdamW", [{"params": [a]}, {"params": [b], "lr": 0.5}])
+    index = opt.param_group_index()
+    assert index[id(a)] is opt.param_groups[0] and index[id(b)] is opt.param_groups[1]
+    assert opt.param_group_index() is index  # cached
+    opt.add_param_group({"params": [c], "lr": 0.25})
+    assert opt.param_group_index()[id(c)] is opt.param_groups[2]
+    opt.load_state_dict(opt.state_dict())
+    index = opt.param_group_index()
+    assert all(index[id(p)] is g for g in opt.param_groups for p in g["params"])
+    assert index[id(c)]["lr"] == 0.25

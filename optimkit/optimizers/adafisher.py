@@ -167,7 +167,7 @@ class AdaFisher(CurvatureOptimizer):
                 state["step"] += 1
                 grads[id(p)] = -p.grad if group["maximize"] else p.grad
         fishers: dict[int, Tensor] = {}
-        groups = self._group_of()
+        groups = self.param_group_index()
         for index, layer in enumerate(self.layers):  # independent per layer
             w, b = layer.weight, layer.bias
             if id(w) not in grads or (b is not None and id(b) not in grads):

@@ -145,7 +145,7 @@ class _KroneckerOptimizer(CurvatureOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        groups = self._group_of()
+        groups = self.param_group_index()
         grads: dict[int, Tensor] = {}
         for group in self.param_groups:
             maximize = group["maximize"]

@@ -536,9 +536,7 @@ class SOAP(RefreshCounts, Optimizer):
         (:func:`bases_dtype`)."""
         dtype = torch.promote_types(param.dtype, torch.float32)
         if key.startswith("Q") and key[1:].isdigit():
-            group = next(
-                (g for g in self.param_groups if any(q is param for q in g["params"])), None
-            )
+            group = self.param_group_index().get(id(param))
             if group is not None:
                 return bases_dtype(group.get("matmul_precision", "fp32"), dtype)
         return dtype
