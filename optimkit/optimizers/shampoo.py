@@ -12,7 +12,7 @@ import itertools
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from operator import is_, itemgetter
+from operator import is_
 from typing import Any
 
 import torch
@@ -38,6 +38,7 @@ from optimkit.linalg import (
     matmul_accumulate_,
 )
 from optimkit.optimizers._refresh import RefreshCounts
+from optimkit.optimizers._stacked import StateViews
 from optimkit.optimizers.muon import apply_update
 from optimkit.registry import REFERENCE_SHAPES, Paper, register
 
@@ -103,24 +104,23 @@ class _MatrixBlocks:
     size: tuple[int, int]  # rows and columns of a block
     stats: tuple[Tensor, Tensor]
     roots: tuple[Tensor, Tensor]
-    views: tuple[Tensor, ...]  # every per-block entry, to notice one replaced from outside
+    views: tuple[Tensor, ...]  # every per-block entry
     keys: tuple[str, ...]  # their state keys, in the same order
+    held: StateViews  # the entries in the parameter's state: to notice one replaced
 
-    def __post_init__(self) -> None:
-        self._entries = itemgetter(*self.keys)
+    def view_in(self, state: dict[str, Any]) -> None:
+        """Write the per-block entries into ``state`` as this layout's views."""
+        state.update(zip(self.keys, self.views))
+        self.held = StateViews((state, key, view) for key, view in zip(self.keys, self.views))
 
     @property
     def count(self) -> int:
         return self.grid[0] * self.grid[1]
 
     def holds(self, state: Mapping[str, Any]) -> bool:
-        """Whether every per-block entry of ``state`` is still this layout's view (none was
-        replaced or removed): one pass over the keys in C, run every step."""
-        try:
-            entries = self._entries(state)
-        except KeyError:
-            return False
-        return all(map(is_, entries, self.views))
+        """Whether ``state`` is the dict the entries were viewed in and still holds every
+        one (none was replaced or removed; a loaded checkpoint makes new dicts)."""
+        return self.held.held_by((state,))
 
     def block_view(self, blocks: Tensor) -> Tensor:
         """``(blocks, rows, cols)`` in ``block_slices`` order -> a ``(r, rows, c, cols)`` view
@@ -601,17 +601,17 @@ class Shampoo(RefreshCounts, Optimizer):
             for (kind, i), stack in stacks.items():
                 stack[span] = torch.stack([state[f"{kind}{b}_{i}"] for b in range(count)])
             views = [stack[offset + b] for stack in stacks.values() for b in range(count)]
-            state.update(zip(keys, views))
-            members.append(
-                _MatrixBlocks(
-                    grid,
-                    size,
-                    (stacks["stat", 0][span], stacks["stat", 1][span]),
-                    (stacks["root", 0][span], stacks["root", 1][span]),
-                    tuple(views),
-                    tuple(keys),
-                )
+            member = _MatrixBlocks(
+                grid,
+                size,
+                (stacks["stat", 0][span], stacks["stat", 1][span]),
+                (stacks["root", 0][span], stacks["root", 1][span]),
+                tuple(views),
+                tuple(keys),
+                StateViews(()),
             )
+            member.view_in(state)
+            members.append(member)
         return _BlockArena(
             tuple(p for p, _, _ in entries),
             members,
@@ -746,7 +746,7 @@ def _restack(arena: _BlockArena, k: int, state: dict[str, Any]) -> None:
     ]
     for stack, values in zip(stacks, fresh):
         stack.copy_(values)
-    state.update(zip(member.keys, member.views))
+    member.view_in(state)
 
 
 def _write_roots(target: Tensor) -> Callable[[Tensor, Tensor], None]:

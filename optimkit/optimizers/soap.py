@@ -9,7 +9,6 @@ Authors' code: github.com/nikhilvyas/SOAP ``soap.py`` (HEAD a1e5535, with the De
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from optimkit.linalg import (
     matmul_accumulate_,
 )
 from optimkit.optimizers._refresh import RefreshCounts
+from optimkit.optimizers._stacked import StateViews
 from optimkit.optimizers.adam import adam_moments_
 from optimkit.registry import REFERENCE_SHAPES, Paper, register
 
@@ -170,11 +170,11 @@ class _Bucket:
     shape: tuple[int, ...]  # the work (merged) shape of each member
     axes: tuple[int, ...]  # its preconditioned axes
     stacks: dict[str, Tensor]
-    views: tuple[tuple[dict, str, Tensor], ...]  # (state, key, entry): to notice a replaced one
+    views: StateViews  # its entries in the members' states: to notice a replaced one
 
     @classmethod
     def of(cls, params, states, shape, axes, stacks: dict[str, Tensor]) -> _Bucket:
-        views = tuple((state, key, state[key]) for state in states for key in stacks)
+        views = StateViews((state, key, state[key]) for state in states for key in stacks)
         return cls(tuple(params), tuple(states), shape, axes, stacks, views)
 
     @classmethod
@@ -185,13 +185,12 @@ class _Bucket:
             if not state[key].is_contiguous():  # e.g. a checkpoint saved a strided entry
                 state[key] = state[key].contiguous()
             stacks[key] = state[key].unsqueeze(0)
-        return cls((p,), (state,), shape, axes, stacks, ())
+        views = StateViews((state, key, state[key]) for key in stacks)
+        return cls((p,), (state,), shape, axes, stacks, views)
 
     def valid(self, states: list[dict]) -> bool:
         """Whether ``states`` (the members' current state dicts) are still this bucket's."""
-        return all(map(operator.is_, self.states, states)) and all(
-            state.get(key) is entry for state, key, entry in self.views
-        )
+        return self.views.held_by(states)
 
     def exp_avg(self) -> Tensor:
         return self.stacks["exp_avg"].view(len(self.params), *self.shape)

@@ -487,3 +487,44 @@ def test_arena_on_cuda_matches_the_cpu():
         runs.append([p.detach().cpu() for p in ps])
     for a, b in zip(*runs):
         assert (a - b).norm() <= 1e-4 * a.norm()
+
+
+def test_state_views_notice_replaced_entries_and_new_dicts(monkeypatch):
+    """StateViews (SOAP's buckets, Shampoo's arenas) holds while the same dicts keep every
+    view; a replaced or removed entry, or another dict, breaks it. After a loaded checkpoint
+    Shampoo restacks each member once, not every step."""
+    from optimkit.optimizers import shampoo
+    from optimkit.optimizers._stacked import StateViews
+
+    a, b = torch.zeros(3), torch.zeros(2)
+    first, second = {"x": a, "y": b}, {"x": b}
+    views = StateViews([(first, "x", a), (first, "y", b), (second, "x", b)])
+    assert views.held_by([first, second])
+    assert not views.held_by([second, first]) and not views.held_by([first])
+    assert not views.held_by([dict(first), second])  # equal contents, another dict
+    second["x"] = b.clone()
+    assert not views.held_by([first, second])
+    second["x"] = b
+    del first["y"]
+    assert not views.held_by([first, second])
+
+    restacks, restack = [], shampoo._restack
+
+    def counted(arena, k, state):
+        restacks.append(k)
+        restack(arena, k, state)
+
+    monkeypatch.setattr(shampoo, "_restack", counted)
+    ps = [torch.randn(8, 8, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    opt = Shampoo(ps, lr=0.05, block_size=4)
+    builds, build = [], opt._build_arena
+    opt._build_arena = lambda entries: builds.append(len(entries)) or build(entries)
+    for t in range(5):
+        for p, g in zip(ps, grads_for(t, [(8, 8)] * 2, torch.float64)):
+            p.grad = g
+        opt.step()
+        if t == 1:
+            opt.load_state_dict(opt.state_dict())  # new groups and state dicts: a new arena
+        if t == 2:
+            opt.state[ps[1]]["root1_0"] = torch.eye(4, dtype=torch.float64)
+    assert builds == [2, 2] and restacks == [1]  # each once, at the step after the change
