@@ -130,7 +130,11 @@ def test_speed_matrix_main_tiny(tmp_path):
         == 0
     )
     payload = json.loads(out.read_text())
-    assert [r["optimizer"] for r in payload["results"]] == ["SOAP", "Shampoo", "Muon"]
+    assert [r["optimizer"] for r in payload["results"]] == [
+        "SOAP(matmul_precision='bf16')",
+        "Shampoo(root_method='newton')",
+        "Muon",
+    ]
     assert all(r["ms_per_step"] > 0 and r["flops_per_step"] > 0 for r in payload["results"])
 
 
