@@ -664,17 +664,27 @@ class Shampoo(RefreshCounts, Optimizer):
     def _apply(self, items: list[_Pending], hp: Mapping) -> None:
         """Grafting, weight decay, momentum and the update for every parameter of the group
         by multi-tensor ops (a few launches for the whole group instead of a dozen per
-        parameter). An arena member's direction stays in its block buffer: the parameter
-        and the momentum are viewed in the blocks' ``(r, rows, c, cols)`` indexing instead
-        of the blocks being copied back into a matrix."""
+        parameter). An arena member's direction stays in its block buffer: on CUDA the
+        Triton kernel :mod:`optimkit.kernels.blocked_momentum` reads it there and updates the
+        momentum and the weights in one pass; elsewhere the parameter and the momentum are
+        viewed in the blocks' ``(r, rows, c, cols)`` indexing for the multi-tensor ops
+        instead of the blocks being copied back into a matrix."""
         grafts = self._graft_directions(items, hp)
         params, momenta, directions = [], [], []
         scaled, norm_of, graft_of_scaled = [], [], []
+        fused = []  # (member, blocks, param, momentum, index of its scale or None)
         for item, graft in zip(items, grafts):
             param, momentum = item.param, item.state["momentum"]
             if item.step >= hp["start_preconditioning_step"]:
                 if item.direction_blocks is not None:
                     member, flat = item.member, item.direction_blocks
+                    if _fused_tail_takes(flat, param, momentum):
+                        scale = len(norm_of) if hp["graft"] != "none" else None
+                        fused.append((member, flat, param, momentum, scale))
+                        if scale is not None:
+                            norm_of.append(flat)
+                            graft_of_scaled.append(graft)
+                        continue
                     if param.is_contiguous() and momentum.is_contiguous():
                         direction = member.block_view(flat)
                         param = param.view(member.grid_shape)
@@ -684,7 +694,7 @@ class Shampoo(RefreshCounts, Optimizer):
                 else:
                     direction = flat = self._precondition(item)
                 if hp["graft"] != "none":
-                    scaled.append(direction)
+                    scaled.append((len(norm_of), direction))
                     norm_of.append(flat)
                     graft_of_scaled.append(graft)
             else:
@@ -692,11 +702,34 @@ class Shampoo(RefreshCounts, Optimizer):
             params.append(param)
             momenta.append(momentum)
             directions.append(direction)
-        if scaled:  # d = G~ |D| / (|G~| + 1e-16)
+        scales = None
+        if norm_of:  # d = G~ |D| / (|G~| + 1e-16)
             graft_norms = torch.stack(torch._foreach_norm(graft_of_scaled))
             norms = torch.stack(torch._foreach_norm(norm_of))
             scales = graft_norms / (norms + 1e-16)
-            torch._foreach_mul_(scaled, list(scales.unbind()))
+        if scaled:
+            torch._foreach_mul_([d for _, d in scaled], [scales[i] for i, _ in scaled])
+        if fused:
+            from optimkit.kernels.blocked_momentum import blocked_momentum_update_
+
+            one = None
+            for member, flat, param, momentum, index in fused:
+                if index is None and one is None:
+                    one = torch.ones(1, dtype=flat.dtype, device=flat.device)
+                scale = one if index is None else scales[index : index + 1]
+                blocked_momentum_update_(
+                    flat,
+                    param,
+                    momentum,
+                    scale,
+                    member.grid,
+                    hp["lr"],
+                    hp["momentum"],
+                    hp["weight_decay"],
+                    hp["nesterov"],
+                )
+        if not params:
+            return
         if hp["weight_decay"] != 0.0:
             weights = [p.to(d.dtype) for p, d in zip(params, directions)]
             torch._foreach_add_(directions, weights, alpha=hp["weight_decay"])
@@ -747,6 +780,22 @@ def _restack(arena: _BlockArena, k: int, state: dict[str, Any]) -> None:
     for stack, values in zip(stacks, fresh):
         stack.copy_(values)
     member.view_in(state)
+
+
+#: whether an arena member's update may take the Triton kernel on CUDA (tests switch it off).
+FUSED_TAIL = True
+
+
+def _fused_tail_takes(blocks: Tensor, param: Tensor, momentum: Tensor) -> bool:
+    """Whether :meth:`Shampoo._apply` updates this arena member by the Triton kernel
+    (:data:`FUSED_TAIL`, CUDA, Triton importable, tensors it takes)."""
+    from optimkit.kernels import triton_available
+
+    if not (FUSED_TAIL and blocks.is_cuda and triton_available()):
+        return False
+    from optimkit.kernels.blocked_momentum import takes
+
+    return takes(blocks, param, momentum)
 
 
 def _write_roots(target: Tensor) -> Callable[[Tensor, Tensor], None]:

@@ -478,7 +478,7 @@ def test_arena_on_cuda_matches_the_cpu():
     init = [torch.randn(s, generator=gen) for s in shapes]
     runs = []
     for device in ("cpu", "cuda"):
-        ps = [x.to(device).requires_grad_() for x in init]
+        ps = [x.to(device, copy=True).requires_grad_() for x in init]
         opt = Shampoo(ps, lr=0.05, block_size=8, preconditioning_compute_steps=2)
         for t in range(6):
             for p, g in zip(ps, grads_for(t, shapes, torch.float32)):
