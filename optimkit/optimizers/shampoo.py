@@ -8,6 +8,7 @@ epsilon handling we follow; deviations from that port are named in :class:`Shamp
 
 from __future__ import annotations
 
+import functools
 import itertools
 import warnings
 from collections.abc import Callable, Mapping
@@ -169,6 +170,22 @@ more): bounds the step's temporaries (two of this many blocks) while keeping lau
 (0.6 B transformer-shaped list, blocks of 128: 37,056 blocks, 10 runs)."""
 
 
+@functools.lru_cache(maxsize=4096)
+def _interpreted(shape: tuple[int, ...], block_size: int, merge: bool) -> tuple[int, ...]:
+    """A parameter shape as Shampoo works on it: small dims merged (:func:`merge_small_dims`)
+    when ``merge`` (``best_effort_shape_interpretation``); remembered, as it is asked for
+    every parameter at every step."""
+    return merge_small_dims(shape, block_size) if merge else shape
+
+
+@functools.lru_cache(maxsize=4096)
+def _block_layout(
+    shape: tuple[int, ...], block_size: int, merge: bool
+) -> tuple[tuple, tuple] | None:
+    """:func:`_even_grid` of a parameter shape's interpreted shape (remembered)."""
+    return _even_grid(_interpreted(shape, block_size, merge), block_size)
+
+
 def _even_grid(work: tuple[int, ...], block_size: int) -> tuple[tuple, tuple] | None:
     """(grid, block size) of a 2-D work shape that splits evenly into blocks, else None."""
     if len(work) != 2 or any(d > block_size and d % block_size for d in work):
@@ -309,9 +326,7 @@ class Shampoo(RefreshCounts, Optimizer):
     # ------------------------------------------------------------------------------------
     @staticmethod
     def interpreted_shape(shape: tuple[int, ...], hp: Mapping[str, Any]) -> tuple[int, ...]:
-        if hp["best_effort_shape_interpretation"]:
-            return merge_small_dims(tuple(shape), hp["block_size"])
-        return tuple(shape)
+        return _interpreted(tuple(shape), hp["block_size"], hp["best_effort_shape_interpretation"])
 
     @classmethod
     def state_bytes_per_param(
@@ -497,6 +512,8 @@ class Shampoo(RefreshCounts, Optimizer):
             targets, sources = [], []
             for k, item in run:
                 member, start = arena.members[k], arena.offsets[k] - span.start
+                if not member.holds(item.state):  # an entry replaced from outside
+                    _restack(arena, k, item.state)
                 item.member = member
                 item.direction_blocks = blocks[start : start + member.count]
                 targets.append(member.block_view(item.direction_blocks))
@@ -548,14 +565,17 @@ class Shampoo(RefreshCounts, Optimizer):
     def _arenas(self, group: dict[str, Any], hp: Mapping) -> list[_BlockArena]:
         """The group's :class:`_BlockArena` s (one per block size, dtype and device of its
         evenly split matrices that have state), built on first use or when the members
-        change, and checked every step: a member whose per-block entry was replaced (e.g. by
-        a loaded checkpoint) has its entries copied into the stacks and viewed again."""
+        change. Whether each member's per-block entries are still the arena's views is
+        checked where its gradient is cut into blocks (:meth:`_arena_statistics`), so that the
+        GPU starts on the first run while the host checks the next ones."""
         kinds: dict[tuple, list[tuple[Tensor, tuple, tuple]]] = {}
         for p in group["params"]:
             state = self.state.get(p)
             if not state or "momentum" not in state:
                 continue
-            layout = _even_grid(self.interpreted_shape(tuple(p.shape), hp), hp["block_size"])
+            layout = _block_layout(
+                tuple(p.shape), hp["block_size"], hp["best_effort_shape_interpretation"]
+            )
             if layout is not None:
                 kind = (layout[1], state["momentum"].dtype, p.device)
                 kinds.setdefault(kind, []).append((p, *layout))
@@ -575,10 +595,6 @@ class Shampoo(RefreshCounts, Optimizer):
                 or not all(map(is_, arena.params, params))
             ):
                 arena = cache[(id(group), kind)] = self._build_arena(entries)
-            else:
-                for k, p in enumerate(params):
-                    if not arena.members[k].holds(self.state[p]):
-                        _restack(arena, k, self.state[p])
             arenas.append(arena)
         return arenas
 
