@@ -781,19 +781,24 @@ def inverse_root_coupled_newton(
     n = stack.size(-1)
     identity = torch.eye(n, dtype=stack.dtype, device=stack.device)
     max_ev = _max_eigenvalue_power_iteration(stack)
-    mat = stack + (ridge_epsilon * max_ev)[..., None, None] * identity
-    z = (1 + root) / (2 * torch.linalg.matrix_norm(mat))
+    # A + ridge I is not formed: its Frobenius norm (||A||^2 + 2 ridge tr A + n ridge^2) and
+    # z (A + ridge I) come from A (one pass each, no temporary of the stack's size)
+    ridge = ridge_epsilon * max_ev
+    trace = stack.diagonal(dim1=-2, dim2=-1).sum(-1)
+    norm = (torch.linalg.matrix_norm(stack).square() + ridge * (2 * trace + n * ridge)).sqrt()
+    z = (1 + root) / (2 * norm)
     x = identity * z.pow(1.0 / root)[..., None, None]
-    m = mat * z[..., None, None]
+    m = stack * z[..., None, None]
+    m.diagonal(dim1=-2, dim2=-1).add_((z * ridge)[..., None])
     error = _distance_to_identity(m)
     active = error > tolerance
     alpha = -1.0 / root
-    scaled_identity = identity * (1 - alpha)
     rounds = 0
     running = bool(active.any())
     while running and rounds < iterations:
         rounds += 1
-        t = torch.add(scaled_identity, m, alpha=alpha)  # (1 - alpha) I + alpha M, one pass
+        t = m * alpha  # (1 - alpha) I + alpha M: a contiguous pass, then the diagonal
+        t.diagonal(dim1=-2, dim2=-1).add_(1 - alpha)
         new_x = x @ t
         new_m = torch.linalg.matrix_power(t, root) @ m
         del t

@@ -819,6 +819,9 @@ def _write_roots(target: Tensor) -> Callable[[Tensor, Tensor], None]:
     the previous root of a block whose computation failed; in place, so stacked views stay."""
 
     def write(roots: Tensor, ok: Tensor) -> None:
-        target.copy_(torch.where(ok[:, None, None], roots.to(target.dtype), target))
+        if bool(ok.all()):  # the usual case: one pass, no selection
+            target.copy_(roots)
+        else:
+            target.copy_(torch.where(ok[:, None, None], roots.to(target.dtype), target))
 
     return write
