@@ -292,13 +292,15 @@ class Shampoo(RefreshCounts, Optimizer):
     The elementwise rest of the step (grafting, weight decay, momentum, the update) runs as
     multi-tensor ops over the group, and on CUDA the power iteration for each block's largest
     eigenvalue is a Triton kernel (:mod:`optimkit.kernels.power_iteration`: each matrix read
-    once, not once a round). One NVIDIA H100, ``optimkit bench speed-matrix --spectrum
-    decaying`` on a 0.6 B transformer-shaped list with ``root_method="newton"``, roots every
-    10 steps, 2026-12-07: 75.4 ms/step (median 40.4 ms, the refresh step 0.39 s), 2.41x the
-    fp32 matmul work it runs (statistics, preconditioning and the roots' products, counted in
-    ``opt.refresh_counts["root_matmul_flops"]``); before the power-iteration kernel 82-96
-    ms/step across five runs (median 43-56 ms, the refresh step 0.43-0.48 s). The regular
-    step is bound by the host's kernel launches, so it varies with the machine's CPU.
+    once, not once a round). ``optimkit bench speed-matrix --spectrum decaying`` on a 0.6 B
+    transformer-shaped list with ``root_method="newton"``, roots every 10 steps, on NVIDIA
+    H100s, 2026-12-07: 64.4 and 75.2 ms/step on two machines (median 29.4 and 41.2 ms, the
+    refresh step 0.37-0.38 s), 2.04x and 2.40x the fp32 matmul work it runs (statistics,
+    preconditioning and the roots' products, counted in
+    ``opt.refresh_counts["root_matmul_flops"]``); the code before the arena and the fused
+    tail took 103.1 ms/step on the second machine in the same call, and 76.5 on a third one
+    (70.1 with them). The regular step is partly bound by the host, so it varies with the
+    machine's CPU.
     """
 
     hyperparams = {
