@@ -152,8 +152,8 @@ def _add_sweep_options(parser: argparse.ArgumentParser, default_tasks: str) -> N
     parser.add_argument(
         "--optimizers",
         help="comma-separated optimizers, each NAME or NAME(key=value, ...) with fixed "
-        "hyperparameters (default: SGD(momentum=0.9), Adam, AdamW, AdaMax, "
-        "SGDW(momentum=0.9), those registered)",
+        "hyperparameters, lr and weight_decay included (not tuned then) (default: "
+        "SGD(momentum=0.9), Adam, AdamW, AdaMax, SGDW(momentum=0.9), those registered)",
     )
     parser.add_argument(
         "--tasks", default=None, help=f"comma-separated built-in tasks (default: {default_tasks})"

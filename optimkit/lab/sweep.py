@@ -191,7 +191,8 @@ def describe_optimizer(spec: OptimizerSpec) -> dict[str, Any]:
     default_lr = defaults.get("lr")
     if not isinstance(default_lr, (int, float)) or isinstance(default_lr, bool) or default_lr <= 0:
         default_lr = FALLBACK_LR
-    tunable = sorted({"lr", "weight_decay"} & set(defaults))
+    # a hyperparameter the spec names stays as given (docs/lab.md), also lr and weight_decay
+    tunable = sorted(({"lr", "weight_decay"} & set(defaults)) - set(spec.fixed_hyperparams))
     probe = torch.zeros(2, requires_grad=True)
     hyperparams = {**spec.fixed_hyperparams, **dict.fromkeys(tunable, 1e-3)}
     try:

@@ -128,6 +128,23 @@ def test_unknown_optimizer_and_bad_hyperparameter(tmp_path):
     assert facts["name"] == "AdamW" and facts["tunable"] == ["lr", "weight_decay"]
 
 
+def test_a_fixed_lr_or_weight_decay_is_not_tuned():
+    """``NAME(lr=...)`` keeps that learning rate in every trial (only the weight decay is
+    searched), as docs/lab.md says of every named hyperparameter; it used to be overridden
+    by the tuned value without a word."""
+    protocol = Protocol(trials=3, seeds=1)
+    points = protocol.as_dict()["points"]
+    task = {"name": "t", "reference": "t", "steps": 10, "eval_every": 1, "higher_is_better": True}
+    for fixed, tunable in ((("lr", 0.1),), ["weight_decay"]), ((("weight_decay", 0.0),), ["lr"]):
+        facts = describe_optimizer(OptimizerSpec("Shampoo", fixed))
+        assert facts["tunable"] == tunable
+        study = Study(task, facts, protocol, points)
+        chosen = [study.hyperparams(config) for config in range(3)]
+        name, value = fixed[0]
+        assert all(hp[name] == value for hp in chosen)
+        assert len({hp[tunable[0]] for hp in chosen}) == 3  # the other one is searched
+
+
 # --------------------------------------------------------------------------------------------
 # The results file
 # --------------------------------------------------------------------------------------------
