@@ -36,6 +36,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from optimkit.kernels import triton_on
+
 __all__ = [
     "NS5_COEFFICIENTS",
     "newton_schulz5",
@@ -197,20 +199,10 @@ def accumulate_gram_(
     return statistic
 
 
-def _triton_on(enabled: bool, tensor: Tensor) -> bool:
-    """Whether a Triton kernel switched on by ``enabled`` may run on ``tensor``: a CUDA
-    tensor, Triton importable (imported only then)."""
-    if not (enabled and tensor.is_cuda):
-        return False
-    from optimkit.kernels import triton_available
-
-    return triton_available()
-
-
 def _mirror_kernel_takes(statistic: Tensor) -> bool:
     """Whether :func:`accumulate_gram_` mirrors ``statistic`` by the Triton kernel (CUDA, a
     contiguous stack, Triton importable)."""
-    return statistic.is_contiguous() and _triton_on(FUSED_MIRROR, statistic)
+    return statistic.is_contiguous() and triton_on(FUSED_MIRROR, statistic)
 
 
 class _tf32:
@@ -749,7 +741,7 @@ def _max_eigenvalue_power_iteration(
 def _power_iteration_kernel_takes(stack: Tensor) -> bool:
     """Whether :func:`_max_eigenvalue_power_iteration` runs as the Triton kernel (CUDA,
     :data:`FUSED_POWER_ITERATION`, Triton importable, fp32 matrices of at most 128 rows)."""
-    if not _triton_on(FUSED_POWER_ITERATION, stack):
+    if not triton_on(FUSED_POWER_ITERATION, stack):
         return False
     from optimkit.kernels.power_iteration import takes
 

@@ -23,6 +23,7 @@ import torch
 
 __all__ = [
     "triton_available",
+    "triton_on",
     "interpreting",
     "default_impl",
     "fused_update",
@@ -43,6 +44,12 @@ def triton_available() -> bool:
     except Exception:  # ImportError, or a broken install raising anything else
         return False
     return True
+
+
+def triton_on(enabled: bool, tensor: torch.Tensor) -> bool:
+    """Whether a Triton kernel switched on by ``enabled`` (a module flag that tests turn off)
+    may run on ``tensor``: a CUDA tensor, and Triton importable (imported only then)."""
+    return enabled and tensor.is_cuda and triton_available()
 
 
 def interpreting() -> bool:

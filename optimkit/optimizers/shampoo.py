@@ -32,6 +32,7 @@ from optimkit.engine import (
     lr_hyper,
     weight_decay_hyper,
 )
+from optimkit.kernels import triton_on
 from optimkit.linalg import (
     accumulate_gram_,
     inverse_root_coupled_newton,
@@ -807,9 +808,7 @@ FUSED_TAIL = True
 def _fused_tail_takes(blocks: Tensor, param: Tensor, momentum: Tensor) -> bool:
     """Whether :meth:`Shampoo._apply` updates this arena member by the Triton kernel
     (:data:`FUSED_TAIL`, CUDA, Triton importable, tensors it takes)."""
-    from optimkit.kernels import triton_available
-
-    if not (FUSED_TAIL and blocks.is_cuda and triton_available()):
+    if not triton_on(FUSED_TAIL, blocks):
         return False
     from optimkit.kernels.blocked_momentum import takes
 

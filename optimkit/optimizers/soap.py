@@ -29,7 +29,7 @@ from optimkit.engine import (
     lr_hyper,
     weight_decay_hyper,
 )
-from optimkit.kernels import triton_available
+from optimkit.kernels import triton_on
 from optimkit.linalg import (
     MATMUL_PRECISIONS,
     QR_METHODS,
@@ -279,12 +279,10 @@ def adam_direction(
     out = torch.empty_like(exp_avg) if out is None else out
     tensors = (grad, exp_avg, exp_avg_sq)
     if (
-        FUSED_DIRECTION
-        and grad.is_cuda
+        triton_on(FUSED_DIRECTION, grad)
         and all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
         and out.dtype in (torch.float32, torch.bfloat16)
         and out.is_contiguous()
-        and triton_available()
     ):
         from optimkit.kernels.adam_direction import adam_direction_
 

@@ -468,3 +468,16 @@ def test_tensor_subclasses_fall_back():
         results.append(params)
     for a, b in zip(*results):
         assert rel_err(torch.Tensor(b.detach()), torch.Tensor(a.detach())) <= 1e-5
+
+
+def test_triton_on_needs_the_flag_a_cuda_tensor_and_triton(monkeypatch):
+    """kernels.triton_on, the gate of the matrix optimizers' kernels: off when the flag is
+    off, for a CPU tensor, or when Triton does not import; on for a CUDA tensor otherwise."""
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    assert not kernels.triton_on(True, torch.zeros(1))
+    assert not kernels.triton_on(False, torch.zeros(1))
+    if torch.cuda.is_available():
+        assert kernels.triton_on(True, torch.zeros(1, device="cuda"))
+        assert not kernels.triton_on(False, torch.zeros(1, device="cuda"))
+        monkeypatch.setattr(kernels, "triton_available", lambda: False)
+        assert not kernels.triton_on(True, torch.zeros(1, device="cuda"))
