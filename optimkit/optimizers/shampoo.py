@@ -115,6 +115,15 @@ class _MatrixBlocks:
         state.update(zip(self.keys, self.views))
         self.held = StateViews((state, key, view) for key, view in zip(self.keys, self.views))
 
+    def stack_from(self, state: dict[str, Any]) -> None:
+        """Copy the per-block entries of ``state`` into this layout's stacks (one stack at a
+        time: its entries are stacked into a temporary first, as some may be its own views)
+        and view them there (:meth:`view_in`)."""
+        count = self.count
+        for j, stack in enumerate((*self.stats, *self.roots)):
+            stack.copy_(torch.stack([state[key] for key in self.keys[j * count : (j + 1) * count]]))
+        self.view_in(state)
+
     @property
     def count(self) -> int:
         return self.grid[0] * self.grid[1]
@@ -495,19 +504,8 @@ class Shampoo(RefreshCounts, Optimizer):
         their statistics updated by two batched products a run. Returns the runs ``(arena,
         first, end, blocks, entries)``; ``blocks`` later holds the preconditioned blocks
         (and each member's ``item.direction_blocks`` its slice of them)."""
-        runs, current = [], []
-        for k, item in entries:
-            if current and (
-                k != current[-1][0] + 1
-                or arena.span(current[0][0], k + 1).stop - arena.offsets[current[0][0]]
-                > BATCH_BLOCKS
-            ):
-                runs.append(current)
-                current = []
-            current.append((k, item))
-        runs.append(current)
         out = []
-        for run in runs:
+        for run in _consecutive_runs(arena, entries, BATCH_BLOCKS):
             first, end = run[0][0], run[-1][0] + 1
             span = arena.span(first, end)
             bm, bn = arena.members[first].size
@@ -538,13 +536,7 @@ class Shampoo(RefreshCounts, Optimizer):
             (k, item) for k, item in entries if item.step % hp["preconditioning_compute_steps"] == 0
         ]
         exponent = hp["inverse_exponent_override"] or 4
-        runs: list[list[tuple[int, _Pending]]] = []
-        for k, item in due:
-            if runs and runs[-1][-1][0] == k - 1:
-                runs[-1].append((k, item))
-            else:
-                runs.append([(k, item)])
-        for run in runs:
+        for run in _consecutive_runs(arena, due):
             span = arena.span(run[0][0], run[-1][0] + 1)
             counts = [arena.members[k].count for k, _ in run]
             failed = []
@@ -615,10 +607,8 @@ class Shampoo(RefreshCounts, Optimizer):
         }
         members = []
         for (p, grid, _), offset, count in zip(entries, offsets, counts):
-            state, span = self.state[p], slice(offset, offset + count)
+            span = slice(offset, offset + count)
             keys = [f"{kind}{b}_{i}" for kind, i in stacks for b in range(count)]
-            for (kind, i), stack in stacks.items():
-                stack[span] = torch.stack([state[f"{kind}{b}_{i}"] for b in range(count)])
             views = [stack[offset + b] for stack in stacks.values() for b in range(count)]
             member = _MatrixBlocks(
                 grid,
@@ -629,7 +619,7 @@ class Shampoo(RefreshCounts, Optimizer):
                 tuple(keys),
                 StateViews(()),
             )
-            member.view_in(state)
+            member.stack_from(self.state[p])
             members.append(member)
         return _BlockArena(
             tuple(p for p, _, _ in entries),
@@ -787,18 +777,32 @@ class _Pending:
 
 
 def _restack(arena: _BlockArena, k: int, state: dict[str, Any]) -> None:
-    """Copy member ``k``'s per-block entries of ``state`` into the arena's stacks (one of them
-    was replaced from outside) and view them there again."""
-    member = arena.members[k]
-    stacks = (*member.stats, *member.roots)
-    per_stack = member.count
-    fresh = [
-        torch.stack([state[key] for key in member.keys[j * per_stack : (j + 1) * per_stack]])
-        for j in range(len(stacks))
-    ]
-    for stack, values in zip(stacks, fresh):
-        stack.copy_(values)
-    member.view_in(state)
+    """Member ``k``'s per-block entries of ``state`` copied into the arena's stacks (one of
+    them was replaced from outside) and viewed there again."""
+    arena.members[k].stack_from(state)
+
+
+def _consecutive_runs(
+    arena: _BlockArena, entries: list[tuple[int, _Pending]], most: int | None = None
+) -> list[list[tuple[int, _Pending]]]:
+    """``entries`` (arena member indices in increasing order, with their work) cut into runs
+    of consecutive members, each of at most ``most`` blocks (unless one member alone has
+    more; no bound for None): every run is one slice of the arena's stacks."""
+    runs: list[list[tuple[int, _Pending]]] = []
+    for k, item in entries:
+        run = runs[-1] if runs else None
+        if (
+            run is None
+            or k != run[-1][0] + 1
+            or (
+                most is not None
+                and arena.span(run[0][0], k + 1).stop - arena.offsets[run[0][0]] > most
+            )
+        ):
+            runs.append([(k, item)])
+        else:
+            run.append((k, item))
+    return runs
 
 
 #: whether an arena member's update may take the Triton kernel on CUDA (tests switch it off).
