@@ -604,8 +604,12 @@ def _orthogonal(q: Tensor, precision: str) -> Tensor:
 
 
 def all_finite(stack: Tensor) -> Tensor:
-    """``(...)`` mask: every entry of the trailing matrix is finite."""
-    return torch.isfinite(stack).flatten(-2).all(-1)
+    """``(...)`` mask: every entry of the trailing matrix is finite. One reading pass: the
+    largest magnitude of each matrix (a NaN propagates through the max, an infinity is its
+    own) is finite, instead of a boolean copy of the stack reduced again."""
+    if stack.numel() == 0:
+        return torch.ones(stack.shape[:-2], dtype=torch.bool, device=stack.device)
+    return torch.isfinite(torch.linalg.vector_norm(stack, ord=float("inf"), dim=(-2, -1)))
 
 
 def newton_schulz5(

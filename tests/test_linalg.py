@@ -609,3 +609,21 @@ def test_half_projections_at_is_the_rule_for_a_side(monkeypatch):
     assert not linalg.half_projections_at(wide, cuda, "tf32", torch.float64)
     monkeypatch.setattr(linalg, "HALF_PROJECTIONS", False)
     assert not linalg.half_projections_at(wide, cuda, "tf32")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_all_finite_marks_each_matrix(device, dtype):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    stack = torch.randn(6, 2, 3, 4, device=device).to(dtype)
+    bad = {(0, 1, 2, 3): float("nan"), (2, 0, 0, 0): float("inf"), (4, 1, 1, 2): -float("inf")}
+    for index, value in bad.items():
+        stack[index] = value
+    stack[5, 0, 2, 1] = 1e30 if dtype != torch.bfloat16 else 3e38  # large but finite
+    expected = torch.ones(6, 2, dtype=torch.bool)
+    for index in bad:
+        expected[index[:2]] = False
+    assert torch.equal(linalg.all_finite(stack).cpu(), expected)
+    assert linalg.all_finite(stack[:, :, :0]).shape == (6, 2)
+    assert linalg.all_finite(stack[:, :, :0]).all()
