@@ -771,10 +771,14 @@ def inverse_root_coupled_newton(
     iterated while :math:`\max|M_k - I| >` ``tolerance`` (at most ``iterations`` rounds) and
     stopped for a matrix whose error grows by more than 20% (its last good iterate is kept),
     as in the authors' code. :math:`\lambda_{max}` comes from a power iteration (deviation: a
-    deterministic start vector instead of the authors' random one). Returns ``(roots, ok)``.
-    With a ``counts`` dict, ``counts["root_matmul_flops"]`` grows by the FLOPs of the matrix
-    products run (every matrix of the stack takes part in every round that any needs)."""
-    n = stack.size(-1)
+    deterministic start vector instead of the authors' random one). Each matrix stops on its
+    own, as the authors' loop over matrices does: once at most half of those still iterating
+    need another round, the rest are set aside and the rounds run on those alone (the host
+    reads one flag per round anyway). Returns ``(roots, ok)``. With a ``counts`` dict,
+    ``counts["root_matmul_flops"]`` grows by the FLOPs of the matrix products run (every
+    matrix still in the batch takes part in each of its rounds)."""
+    batch_shape, n = stack.shape[:-2], stack.size(-1)
+    stack = stack.reshape(-1, n, n)
     identity = torch.eye(n, dtype=stack.dtype, device=stack.device)
     max_ev = _max_eigenvalue_power_iteration(stack)
     # A + ridge I is not formed: its Frobenius norm (||A||^2 + 2 ridge tr A + n ridge^2) and
@@ -783,16 +787,17 @@ def inverse_root_coupled_newton(
     trace = stack.diagonal(dim1=-2, dim2=-1).sum(-1)
     norm = (torch.linalg.matrix_norm(stack).square() + ridge * (2 * trace + n * ridge)).sqrt()
     z = (1 + root) / (2 * norm)
-    x = identity * z.pow(1.0 / root)[..., None, None]
-    m = stack * z[..., None, None]
-    m.diagonal(dim1=-2, dim2=-1).add_((z * ridge)[..., None])
+    x = identity * z.pow(1.0 / root)[:, None, None]
+    m = stack * z[:, None, None]
+    m.diagonal(dim1=-2, dim2=-1).add_((z * ridge)[:, None])
     error = _distance_to_identity(m)
     active = error > tolerance
     alpha = -1.0 / root
-    rounds = 0
+    rounds = iterated = 0  # rounds, and matrices iterated summed over them
+    roots, running_at = x, None  # the full result; indices of the batch's matrices in it
     running = bool(active.any())
     while running and rounds < iterations:
-        rounds += 1
+        rounds, iterated = rounds + 1, iterated + x.size(0)
         t = m * alpha  # (1 - alpha) I + alpha M: a contiguous pass, then the diagonal
         t.diagonal(dim1=-2, dim2=-1).add_(1 - alpha)
         new_x = x @ t
@@ -802,20 +807,33 @@ def inverse_root_coupled_newton(
         accept = active & ~(new_error > error * 1.2)
         error = torch.where(accept, new_error, error)
         active = accept & (error > tolerance)
-        everyone, running = torch.stack((accept.all(), active.any())).tolist()  # one read
+        everyone, still = torch.stack((accept.all(), active.sum())).tolist()  # one read
+        running = still > 0
         if everyone:  # the usual round: no selection pass over the stack
             x, m = new_x, new_m
         else:
-            keep = accept[..., None, None]
+            keep = accept[:, None, None]
             x = torch.where(keep, new_x, x)
             m = torch.where(keep, new_m, m)
-    ok = torch.isfinite(z) & (z > 0) & all_finite(x)
+        if running and 2 * still <= x.size(0):  # set the finished ones aside
+            if running_at is None:
+                roots = x
+            else:
+                roots.index_copy_(0, running_at, x)
+            left = active.nonzero().squeeze(-1)
+            running_at = left if running_at is None else running_at[left]
+            x, m, error, active = x[left], m[left], error[left], active[left]
+    if running_at is None:
+        roots = x
+    else:
+        roots.index_copy_(0, running_at, x)
+    ok = torch.isfinite(z) & (z > 0) & all_finite(roots)
     if counts is not None:
         # per round: x @ t, matrix_power(t, root) (binary powering), and its product with m
         products = 2 + _matrix_power_products(root)
-        flops = 2.0 * n**3 * stack[..., 0, 0].numel() * rounds * products
+        flops = 2.0 * n**3 * iterated * products
         counts["root_matmul_flops"] = counts.get("root_matmul_flops", 0.0) + flops
-    return x, ok
+    return roots.reshape(*batch_shape, n, n), ok.reshape(batch_shape)
 
 
 def _distance_to_identity(stack: Tensor) -> Tensor:

@@ -94,9 +94,10 @@ def test_power_iteration_stops_each_matrix_as_the_authors_do(check_every):
 
 def test_coupled_newton_counts_its_matmul_flops():
     """counts["root_matmul_flops"]: 2 n^3 per product, 4 products a round for p = 4 (x @ t,
-    t^2, (t^2)^2, @ m), every matrix of the stack in every round; added up across calls; a
-    square root (p = 2) makes 3 products a round."""
-    stack = spd_stack() + 5 * torch.eye(5, dtype=torch.float64)
+    t^2, (t^2)^2, @ m), for every matrix iterated in a round (three copies of one matrix:
+    all three in every round); added up across calls; a square root (p = 2) makes 3
+    products a round."""
+    stack = (spd_stack(k=1) + 5 * torch.eye(5, dtype=torch.float64)).expand(3, 5, 5)
     counts = {}
     inverse_root_coupled_newton(stack, 4, 1e-6, counts=counts)
     per_round = 2 * 5**3 * 3 * 4
@@ -627,3 +628,30 @@ def test_all_finite_marks_each_matrix(device, dtype):
     assert torch.equal(linalg.all_finite(stack).cpu(), expected)
     assert linalg.all_finite(stack[:, :, :0]).shape == (6, 2)
     assert linalg.all_finite(stack[:, :, :0]).all()
+
+
+def test_coupled_newton_stops_each_matrix_on_its_own():
+    """A batch of matrices that need very different numbers of rounds gives each one the
+    root it gets alone (with its own error-growth stop), with fewer products than every
+    matrix iterating until the slowest converges: the finished ones are set aside once at
+    most half still run. The batch shape is kept."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.linalg.qr(torch.randn(6, 6, 6, generator=gen, dtype=torch.float64))[0]
+    decades = torch.tensor([0.0, 0.5, 1.0, 6.0, 9.0, 1.0], dtype=torch.float64)
+    values = 10 ** (-decades[:, None] * torch.linspace(0, 1, 6, dtype=torch.float64))
+    stack = (q * values.unsqueeze(-2)) @ q.mT
+    counts = {}
+    roots, ok = inverse_root_coupled_newton(stack.reshape(2, 3, 6, 6), 4, 1e-12, counts=counts)
+    assert roots.shape == (2, 3, 6, 6) and ok.shape == (2, 3) and ok.all()
+    alone, rounds = [], []
+    for matrix in stack:
+        single = {}
+        root, good = inverse_root_coupled_newton(matrix, 4, 1e-12, counts=single)
+        assert root.shape == (6, 6) and good.shape == () and bool(good)
+        alone.append(root)
+        rounds.append(single["root_matmul_flops"] / (2 * 6**3 * 4))
+    torch.testing.assert_close(roots.reshape(6, 6, 6), torch.stack(alone), rtol=1e-12, atol=0)
+    assert max(rounds) >= 2 * min(rounds)  # the test's premise: uneven rounds
+    flops_per_matrix_round = 2 * 6**3 * 4
+    assert sum(rounds) * flops_per_matrix_round <= counts["root_matmul_flops"]
+    assert counts["root_matmul_flops"] < max(rounds) * 6 * flops_per_matrix_round
