@@ -795,6 +795,11 @@ def inverse_root_coupled_newton(
     alpha = -1.0 / root
     rounds = iterated = 0  # rounds, and matrices iterated summed over them
     roots, running_at = x, None  # the full result; indices of the batch's matrices in it
+
+    def settle(x: Tensor) -> Tensor:
+        """The full result with the batch's iterates ``x`` written in at their places."""
+        return x if running_at is None else roots.index_copy_(0, running_at, x)
+
     running = bool(active.any())
     while running and rounds < iterations:
         rounds, iterated = rounds + 1, iterated + x.size(0)
@@ -816,17 +821,11 @@ def inverse_root_coupled_newton(
             x = torch.where(keep, new_x, x)
             m = torch.where(keep, new_m, m)
         if running and 2 * still <= x.size(0):  # set the finished ones aside
-            if running_at is None:
-                roots = x
-            else:
-                roots.index_copy_(0, running_at, x)
+            roots = settle(x)
             left = active.nonzero().squeeze(-1)
             running_at = left if running_at is None else running_at[left]
             x, m, error, active = x[left], m[left], error[left], active[left]
-    if running_at is None:
-        roots = x
-    else:
-        roots.index_copy_(0, running_at, x)
+    roots = settle(x)
     ok = torch.isfinite(z) & (z > 0) & all_finite(roots)
     if counts is not None:
         # per round: x @ t, matrix_power(t, root) (binary powering), and its product with m
